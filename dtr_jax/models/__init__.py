@@ -1,0 +1,41 @@
+"""Model registry: the twelve DiT sizes of the paper, by name ("DiT-B/2")."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from dtr_jax.models.dit import DiT
+
+# (depth, hidden_size, num_heads) per size (SPEC §3).
+SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+PATCHES = (2, 4, 8)
+MODEL_NAMES = tuple(f"DiT-{s}/{p}" for s in SIZES for p in PATCHES)
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def architecture(name: str, **overrides) -> dict:
+  """depth/hidden_size/num_heads/patch_size of `name`; non-None overrides win."""
+  if name not in MODEL_NAMES:
+    raise ValueError(f"model.name={name!r} is unknown: allowed {list(MODEL_NAMES)}")
+  size, patch = name[len("DiT-"):].split("/")
+  depth, hidden, heads = SIZES[size]
+  arch = dict(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=int(patch))
+  arch.update({k: v for k, v in overrides.items() if v is not None})
+  return arch
+
+
+def create_dit(name: str, *, dtype: str = "float32", depth=None, hidden_size=None,
+               num_heads=None, patch_size=None, **kwargs) -> DiT:
+  """A DiT of the named size; depth/hidden_size/num_heads/patch_size override it.
+
+  Remaining keyword arguments go to `DiT` (input_size, in_channels,
+  num_classes, class_dropout_prob, learn_sigma, mlp_ratio, remat).
+  """
+  if dtype not in DTYPES:
+    raise ValueError(f"model.dtype={dtype!r} is unknown: allowed {list(DTYPES)}")
+  arch = architecture(name, depth=depth, hidden_size=hidden_size, num_heads=num_heads,
+                      patch_size=patch_size)
+  return DiT(dtype=DTYPES[dtype], **arch, **kwargs)
+
+
+__all__ = ["DiT", "SIZES", "MODEL_NAMES", "architecture", "create_dit"]
