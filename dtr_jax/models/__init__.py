@@ -38,4 +38,20 @@ def create_dit(name: str, *, dtype: str = "float32", depth=None, hidden_size=Non
   return DiT(dtype=DTYPES[dtype], **arch, **kwargs)
 
 
-__all__ = ["DiT", "SIZES", "MODEL_NAMES", "architecture", "create_dit"]
+def from_config(config):
+  """(DiT, routing tables or None) for a full run config (model + diffusion)."""
+  from dtr_jax import routing  # local: keep the registry import-light
+
+  m = config.model
+  model = create_dit(m.name, dtype=m.dtype, depth=m.depth, hidden_size=m.hidden_size,
+                     num_heads=m.num_heads, patch_size=m.patch_size, input_size=m.input_size,
+                     in_channels=m.in_channels, num_classes=m.num_classes,
+                     class_dropout_prob=m.class_dropout_prob if m.num_classes > 1 else 0.0,
+                     learn_sigma=m.learn_sigma, remat=m.remat)
+  r = m.routing
+  tables = routing.model_tables(r.kind, config.diffusion.num_timesteps, model.hidden_size,
+                                model.depth, r.beta, r.alpha, r.seed)
+  return model, tables
+
+
+__all__ = ["DiT", "SIZES", "MODEL_NAMES", "architecture", "create_dit", "from_config"]

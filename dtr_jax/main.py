@@ -1,0 +1,63 @@
+"""Entry point: python -m dtr_jax.main --config configs/X.py --workdir DIR [--mode ...].
+
+Fields of the config file are overridden with --config.field=value.
+"""
+
+from __future__ import annotations
+
+import logging as std_logging
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+MODES = ("train", "sample", "evaluate", "export")
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file with get_config().",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and outputs.")
+flags.DEFINE_enum("mode", "train", MODES, "What to do.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _multi_process() -> bool:
+    """True where a launcher started several processes (TPU pod, SLURM, explicit)."""
+    env = os.environ
+    tpu_hosts = env.get("TPU_WORKER_HOSTNAMES", "")
+    return bool(env.get("JAX_COORDINATOR_ADDRESS") or "," in tpu_hosts
+                or int(env.get("SLURM_NTASKS", "1")) > 1
+                or int(env.get("DTR_NUM_PROCESSES", "1")) > 1)
+
+
+def main(argv):
+    del argv
+    logging.get_absl_handler().addFilter(_LibraryInfoFilter())
+    import jax
+
+    if _multi_process():
+        jax.distributed.initialize()
+    import tensorflow as tf  # imported by clu/tfds; keep it off the accelerators
+
+    tf.config.set_visible_devices([], "GPU")
+    logging.info("JAX process %d/%d, %d local / %d global devices", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
+    from dtr_jax import modes
+    from dtr_jax.config import ConfigError
+
+    try:
+        modes.run(FLAGS.mode, FLAGS.config, FLAGS.workdir)
+    except ConfigError as e:
+        sys.exit(f"dtr_jax: {e}")  # exit status 1, the problems on stderr, no traceback
+
+
+class _LibraryInfoFilter(std_logging.Filter):
+    """Drops the INFO chatter of orbax (dozens of lines per save); keeps warnings."""
+
+    def filter(self, record):
+        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
+if __name__ == "__main__":
+    app.run(main)
