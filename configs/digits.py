@@ -10,11 +10,11 @@ from dtr_jax.config import default_config
 
 def get_config():
     c = default_config()
-    c.num_train_steps = 3000
-    c.global_batch_size = 128
+    c.num_train_steps = 2000
+    c.global_batch_size = 64
     c.log_every_steps = 100
     c.checkpoint_every_steps = 1000
-    c.sample_every_steps = 1000
+    c.sample_every_steps = 500  # image summaries in TensorBoard
 
     c.model.name = "DiT-S/2"  # shrunk below: 16 tokens of 2x2 pixel patches
     c.model.depth = 4
@@ -27,13 +27,14 @@ def get_config():
 
     c.optimizer.learning_rate = 1e-3
     c.optimizer.warmup_steps = 200
-    c.optimizer.ema_decay = 0.999
+    c.optimizer.ema_decay = 0.995  # a 0.9999 EMA would still be mostly init after 2K steps
 
     c.data.name = "digits"
     c.data.flip = False  # a mirrored digit is not a digit
 
     c.sample.num_steps = 100
-    c.sample.cfg_scale = 1.0
+    c.sample.cfg_scale = 2.0
+    c.sample.clip_denoised = True  # pixels live in [-1, 1]
     c.sample.num_samples = 1000
     c.sample.batch_size = 500
     c.sample.grid_per_class = 10

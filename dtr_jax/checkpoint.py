@@ -24,13 +24,23 @@ def checkpoint_dir(workdir: str) -> str:
 class Checkpoints:
     """A thin CheckpointManager wrapper with the save/restore calls training needs."""
 
-    def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True,
-                 read_only: bool = False):
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        max_to_keep: int = 3,
+        async_save: bool = True,
+        read_only: bool = False,
+    ):
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
-            enable_async_checkpointing=async_save)
-        self._manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
-                                              item_names=("state", "meta"))
+            max_to_keep=max_to_keep,
+            create=not read_only,
+            read_only=read_only,
+            enable_async_checkpointing=async_save,
+        )
+        self._manager = ocp.CheckpointManager(
+            checkpoint_dir(workdir), options=options, item_names=("state", "meta")
+        )
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -39,8 +49,7 @@ class Checkpoints:
         return list(self._manager.all_steps())
 
     def save(self, step: int, state, meta: dict, *, force: bool = False) -> bool:
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                  meta=ocp.args.JsonSave(meta))
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         return self._manager.save(step, args=args, force=force)
 
     def restore(self, abstract_state, step: int | None = None):
@@ -53,7 +62,9 @@ class Checkpoints:
         step = self.latest_step() if step is None else step
         if step is None:
             return None
-        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        return self._manager.restore(
+            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+        ).meta
 
     def reached_preemption(self, step: int) -> bool:
         """True on every host once a preemption notice (SIGTERM on pods) is shared."""
@@ -93,13 +104,19 @@ def check_workdir(workdir: str, signature: dict) -> None:
     theirs = meta.get("signature", {})
     diffs = sorted(k for k in set(theirs) | set(signature) if theirs.get(k) != signature.get(k))
     if diffs:
-        detail = ", ".join(f"{k}: checkpoint {theirs.get(k)!r} vs config {signature.get(k)!r}"
-                           for k in diffs)
-        raise ConfigError([f"--workdir={workdir} holds checkpoints of a different model "
-                           f"({detail}); use a new workdir or the matching config"])
+        detail = ", ".join(
+            f"{k}: checkpoint {theirs.get(k)!r} vs config {signature.get(k)!r}" for k in diffs
+        )
+        raise ConfigError(
+            [
+                f"--workdir={workdir} holds checkpoints of a different model "
+                f"({detail}); use a new workdir or the matching config"
+            ]
+        )
 
 
 def restore_target(abstract_state, shardings):
     """ShapeDtypeStructs carrying the target shardings, for StandardRestore."""
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract_state, shardings)
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
+    )

@@ -15,8 +15,7 @@ from ml_collections import config_flags
 MODES = ("train", "sample", "evaluate", "export")
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file with get_config().",
-                                lock_config=True)
+config_flags.DEFINE_config_file("config", None, "Config file with get_config().", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and outputs.")
 flags.DEFINE_enum("mode", "train", MODES, "What to do.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -26,9 +25,12 @@ def _multi_process() -> bool:
     """True where a launcher started several processes (TPU pod, SLURM, explicit)."""
     env = os.environ
     tpu_hosts = env.get("TPU_WORKER_HOSTNAMES", "")
-    return bool(env.get("JAX_COORDINATOR_ADDRESS") or "," in tpu_hosts
-                or int(env.get("SLURM_NTASKS", "1")) > 1
-                or int(env.get("DTR_NUM_PROCESSES", "1")) > 1)
+    return bool(
+        env.get("JAX_COORDINATOR_ADDRESS")
+        or "," in tpu_hosts
+        or int(env.get("SLURM_NTASKS", "1")) > 1
+        or int(env.get("DTR_NUM_PROCESSES", "1")) > 1
+    )
 
 
 def main(argv):
@@ -41,8 +43,13 @@ def main(argv):
     import tensorflow as tf  # imported by clu/tfds; keep it off the accelerators
 
     tf.config.set_visible_devices([], "GPU")
-    logging.info("JAX process %d/%d, %d local / %d global devices", jax.process_index(),
-                 jax.process_count(), jax.local_device_count(), jax.device_count())
+    logging.info(
+        "JAX process %d/%d, %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
     from dtr_jax import modes
     from dtr_jax.config import ConfigError
 

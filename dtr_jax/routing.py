@@ -14,77 +14,91 @@ KINDS = ("none", "dtr", "random")
 
 
 def _check(kind: str, num_tasks: int, channels: int, beta: float, alpha: float) -> None:
-  if kind not in KINDS:
-    raise ValueError(f"routing kind={kind!r} is unknown: allowed {KINDS}")
-  for name, value in (("num_tasks", num_tasks), ("channels", channels)):
-    if not isinstance(value, (int, np.integer)) or value <= 0:
-      raise ValueError(f"routing {name}={value!r} must be a positive integer")
-  if not 0.0 < beta <= 1.0:
-    raise ValueError(f"routing beta={beta!r} must lie in (0, 1]")
-  if not alpha > 0.0:
-    raise ValueError(f"routing alpha={alpha!r} must be > 0")
-  if int(beta * channels) < 1:
-    raise ValueError(f"routing beta={beta!r} leaves no active channel out of "
-                     f"channels={channels}: beta * channels must be >= 1")
+    if kind not in KINDS:
+        raise ValueError(f"routing kind={kind!r} is unknown: allowed {KINDS}")
+    for name, value in (("num_tasks", num_tasks), ("channels", channels)):
+        if not isinstance(value, (int, np.integer)) or value <= 0:
+            raise ValueError(f"routing {name}={value!r} must be a positive integer")
+    if not 0.0 < beta <= 1.0:
+        raise ValueError(f"routing beta={beta!r} must lie in (0, 1]")
+    if not alpha > 0.0:
+        raise ValueError(f"routing alpha={alpha!r} must be > 0")
+    if int(beta * channels) < 1:
+        raise ValueError(
+            f"routing beta={beta!r} leaves no active channel out of "
+            f"channels={channels}: beta * channels must be >= 1"
+        )
 
 
 def active_channels(channels: int, beta: float) -> int:
-  """Cb = floor(beta * C), the number of ones in every row."""
-  return int(beta * channels)
+    """Cb = floor(beta * C), the number of ones in every row."""
+    return int(beta * channels)
 
 
 def dtr_starts(num_tasks: int, channels: int, beta: float, alpha: float) -> np.ndarray:
-  """Window start per task: round((t / (T-1))**alpha * (C - Cb)), half to even."""
-  last = channels - active_channels(channels, beta)
-  u = np.linspace(0.0, 1.0, num_tasks, dtype=np.float64)
-  return np.round(u**alpha * last).astype(np.int64)
+    """Window start per task: round((t / (T-1))**alpha * (C - Cb)), half to even."""
+    last = channels - active_channels(channels, beta)
+    u = np.linspace(0.0, 1.0, num_tasks, dtype=np.float64)
+    return np.round(u**alpha * last).astype(np.int64)
 
 
-def routing_table(kind: str, num_tasks: int, channels: int, beta: float = 0.8,
-                  alpha: float = 4.0, seed: int = 0) -> np.ndarray:
-  """The (num_tasks, channels) uint8 table of 0/1 for one block.
+def routing_table(
+    kind: str, num_tasks: int, channels: int, beta: float = 0.8, alpha: float = 4.0, seed: int = 0
+) -> np.ndarray:
+    """The (num_tasks, channels) uint8 table of 0/1 for one block.
 
-  Args:
-    kind: 'none' (all ones), 'dtr' (sliding window) or 'random' (a random
-      subset of floor(beta*C) channels per task).
-    num_tasks: T, the number of diffusion timesteps.
-    channels: C, the hidden size of the routed blocks.
-    beta: sharing ratio, the fraction of active channels per task, in (0, 1].
-    alpha: window speed exponent (> 0); used by 'dtr' only.
-    seed: seed of the 'random' table (give each block its own seed).
-  """
-  _check(kind, num_tasks, channels, beta, alpha)
-  if kind == "none":
-    return np.ones((num_tasks, channels), np.uint8)
-  cb = active_channels(channels, beta)
-  c = np.arange(channels)
-  if kind == "dtr":
-    start = dtr_starts(num_tasks, channels, beta, alpha)[:, None]
-    return ((c >= start) & (c < start + cb)).astype(np.uint8)
-  rng = np.random.default_rng(seed)
-  chosen = np.argsort(rng.random((num_tasks, channels)), axis=1)[:, :cb]
-  table = np.zeros((num_tasks, channels), np.uint8)
-  np.put_along_axis(table, chosen, 1, axis=1)
-  return table
+    Args:
+      kind: 'none' (all ones), 'dtr' (sliding window) or 'random' (a random
+        subset of floor(beta*C) channels per task).
+      num_tasks: T, the number of diffusion timesteps.
+      channels: C, the hidden size of the routed blocks.
+      beta: sharing ratio, the fraction of active channels per task, in (0, 1].
+      alpha: window speed exponent (> 0); used by 'dtr' only.
+      seed: seed of the 'random' table (give each block its own seed).
+    """
+    _check(kind, num_tasks, channels, beta, alpha)
+    if kind == "none":
+        return np.ones((num_tasks, channels), np.uint8)
+    cb = active_channels(channels, beta)
+    c = np.arange(channels)
+    if kind == "dtr":
+        start = dtr_starts(num_tasks, channels, beta, alpha)[:, None]
+        return ((c >= start) & (c < start + cb)).astype(np.uint8)
+    rng = np.random.default_rng(seed)
+    chosen = np.argsort(rng.random((num_tasks, channels)), axis=1)[:, :cb]
+    table = np.zeros((num_tasks, channels), np.uint8)
+    np.put_along_axis(table, chosen, 1, axis=1)
+    return table
 
 
 def block_seed(seed: int, block: int) -> int:
-  """Seed of block `block`'s random table: distinct per (seed, block) pair."""
-  return int(np.random.SeedSequence([seed, block]).generate_state(1)[0])
+    """Seed of block `block`'s random table: distinct per (seed, block) pair."""
+    return int(np.random.SeedSequence([seed, block]).generate_state(1)[0])
 
 
-def model_tables(kind: str, num_tasks: int, channels: int, depth: int,
-                 beta: float = 0.8, alpha: float = 4.0, seed: int = 0) -> np.ndarray | None:
-  """Tables for a whole model, shaped (G, T, C) as the DiT expects.
+def model_tables(
+    kind: str,
+    num_tasks: int,
+    channels: int,
+    depth: int,
+    beta: float = 0.8,
+    alpha: float = 4.0,
+    seed: int = 0,
+) -> np.ndarray | None:
+    """Tables for a whole model, shaped (G, T, C) as the DiT expects.
 
-  'dtr' shares one table across blocks (G = 1); 'random' draws one per block
-  (G = depth); 'none' returns None, which the model treats as no routing (an
-  all-ones mask is the identity, so this is exact and skips the multiply).
-  """
-  _check(kind, num_tasks, channels, beta, alpha)
-  if kind == "none":
-    return None
-  if kind == "dtr":
-    return routing_table("dtr", num_tasks, channels, beta, alpha)[None]
-  return np.stack([routing_table("random", num_tasks, channels, beta, alpha,
-                                 seed=block_seed(seed, i)) for i in range(depth)])
+    'dtr' shares one table across blocks (G = 1); 'random' draws one per block
+    (G = depth); 'none' returns None, which the model treats as no routing (an
+    all-ones mask is the identity, so this is exact and skips the multiply).
+    """
+    _check(kind, num_tasks, channels, beta, alpha)
+    if kind == "none":
+        return None
+    if kind == "dtr":
+        return routing_table("dtr", num_tasks, channels, beta, alpha)[None]
+    return np.stack(
+        [
+            routing_table("random", num_tasks, channels, beta, alpha, seed=block_seed(seed, i))
+            for i in range(depth)
+        ]
+    )

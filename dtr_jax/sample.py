@@ -21,8 +21,9 @@ def make_model_fn(model, params, labels, tables, cfg_scale: float):
     """model_fn(x_t, t) for the samplers: conditional, or guided when cfg_scale != 1."""
     if cfg_scale == 1.0 or model.num_classes == 1:
         return lambda x, t: model.apply({"params": params}, x, t, labels, tables)
-    return lambda x, t: model.apply({"params": params}, x, t, labels, tables,
-                                    cfg_scale=cfg_scale, method=type(model).guided)
+    return lambda x, t: model.apply(
+        {"params": params}, x, t, labels, tables, cfg_scale=cfg_scale, method=type(model).guided
+    )
 
 
 def sample_fn(model, diffusion: GaussianDiffusion, sample_config):
@@ -33,8 +34,13 @@ def sample_fn(model, diffusion: GaussianDiffusion, sample_config):
         fn = make_model_fn(model, params, labels, tables, sample_config.cfg_scale)
         shape = (labels.shape[0], model.input_size, model.input_size, model.in_channels)
         if sample_config.sampler == "ddim":
-            return sp.ddim_sample(fn, shape, rng, eta=sample_config.ddim_eta,
-                                  clip_denoised=sample_config.clip_denoised)
+            return sp.ddim_sample(
+                fn,
+                shape,
+                rng,
+                eta=sample_config.ddim_eta,
+                clip_denoised=sample_config.clip_denoised,
+            )
         return sp.ddpm_sample(fn, shape, rng, clip_denoised=sample_config.clip_denoised)
 
     return run
@@ -87,7 +93,10 @@ def grid(images: np.ndarray, rows: int, pad: int = 1) -> np.ndarray:
     out = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, np.uint8)
     for i in range(rows * cols):
         r, q = divmod(i, cols)
-        out[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = images[i]
+        out[
+            pad + r * (h + pad) : pad + r * (h + pad) + h,
+            pad + q * (w + pad) : pad + q * (w + pad) + w,
+        ] = images[i]
     return out
 
 
@@ -110,5 +119,13 @@ def save_png(path: str, image: np.ndarray, scale: int = 1) -> None:
     Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
 
 
-__all__ = ["class_grid", "generate", "grid", "jit_sampler", "respaced", "sample_fn",
-           "save_png", "to_uint8"]
+__all__ = [
+    "class_grid",
+    "generate",
+    "grid",
+    "jit_sampler",
+    "respaced",
+    "sample_fn",
+    "save_png",
+    "to_uint8",
+]

@@ -61,22 +61,36 @@ class Task:
 
 def make_task(config) -> Task:
     model, tables = from_config(config)
-    diffusion = GaussianDiffusion.create(config.diffusion.schedule, config.diffusion.num_timesteps,
-                                         learn_sigma=config.model.learn_sigma)
+    diffusion = GaussianDiffusion.create(
+        config.diffusion.schedule,
+        config.diffusion.num_timesteps,
+        learn_sigma=config.model.learn_sigma,
+    )
     o = config.optimizer
-    lr = (optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps) if o.warmup_steps
-          else optax.constant_schedule(o.learning_rate))
+    lr = (
+        optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps)
+        if o.warmup_steps
+        else optax.constant_schedule(o.learning_rate)
+    )
     if o.warmup_steps:
         lr = optax.join_schedules([lr, optax.constant_schedule(o.learning_rate)], [o.warmup_steps])
     tx = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
     if o.grad_clip:
         tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), tx)
     w = config.weighting
-    return Task(config=config, model=model, tables=tables, diffusion=diffusion, tx=tx,
-                uw_tx=weighting.uw_optimizer(w.uw_learning_rate), learning_rate=lr,
-                snr=weighting.snr(diffusion.alphas_cumprod),
-                boundaries=weighting.cluster_boundaries(w.clustering, diffusion.alphas_cumprod,
-                                                        w.num_clusters))
+    return Task(
+        config=config,
+        model=model,
+        tables=tables,
+        diffusion=diffusion,
+        tx=tx,
+        uw_tx=weighting.uw_optimizer(w.uw_learning_rate),
+        learning_rate=lr,
+        snr=weighting.snr(diffusion.alphas_cumprod),
+        boundaries=weighting.cluster_boundaries(
+            w.clustering, diffusion.alphas_cumprod, w.num_clusters
+        ),
+    )
 
 
 def init_state(task: Task, rng: jax.Array) -> TrainState:
@@ -86,9 +100,14 @@ def init_state(task: Task, rng: jax.Array) -> TrainState:
     t = jnp.zeros((1,), jnp.int32)
     params = m.init(rng, x, t, t, task.tables)["params"]
     log_vars = weighting.init_log_vars(len(task.boundaries) - 1) if task.uses_uw else None
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                      opt_state=task.tx.init(params), uw_log_vars=log_vars,
-                      uw_opt_state=None if log_vars is None else task.uw_tx.init(log_vars))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        ema_params=params,
+        opt_state=task.tx.init(params),
+        uw_log_vars=log_vars,
+        uw_opt_state=None if log_vars is None else task.uw_tx.init(log_vars),
+    )
 
 
 def state_layout(task: Task, mesh) -> tuple[TrainState, TrainState]:
@@ -110,23 +129,35 @@ def train_step(task: Task, state: TrainState, batch: dict, tables) -> tuple[Trai
     rng = jax.random.fold_in(jax.random.key(cfg.seed), state.step)
     t_rng, noise_rng, drop_rng = jax.random.split(rng, 3)
     x0, y = batch["image"], batch["label"]
-    t = weighting.sample_timesteps(t_rng, x0.shape[0], task.diffusion.num_timesteps,
-                                   task.boundaries if task.uses_uw else None)
+    t = weighting.sample_timesteps(
+        t_rng, x0.shape[0], task.diffusion.num_timesteps, task.boundaries if task.uses_uw else None
+    )
     noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
     w = cfg.weighting
 
     def loss_fn(params, log_vars):
         def model_fn(x_t, t_model):
-            return task.model.apply({"params": params}, x_t, t_model, y, tables, train=True,
-                                    rngs={"dropout": drop_rng})
+            return task.model.apply(
+                {"params": params}, x_t, t_model, y, tables, train=True, rngs={"dropout": drop_rng}
+            )
 
         terms = task.diffusion.training_losses(model_fn, x0, t, noise)
-        loss, _ = weighting.combine(w.kind, terms["mse"], terms["vb"], t, task.snr, gamma=w.gamma,
-                                    k=w.k, log_vars=log_vars, boundaries=task.boundaries)
+        loss, _ = weighting.combine(
+            w.kind,
+            terms["mse"],
+            terms["vb"],
+            t,
+            task.snr,
+            gamma=w.gamma,
+            k=w.k,
+            log_vars=log_vars,
+            boundaries=task.boundaries,
+        )
         return loss, terms
 
     (loss, terms), (grads, uw_grads) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
-        state.params, state.uw_log_vars)
+        state.params, state.uw_log_vars
+    )
     updates, opt_state = task.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     log_vars, uw_opt_state = state.uw_log_vars, state.uw_opt_state
@@ -135,17 +166,29 @@ def train_step(task: Task, state: TrainState, batch: dict, tables) -> tuple[Trai
         log_vars = optax.apply_updates(log_vars, uw_updates)
     decay = cfg.optimizer.ema_decay
     ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
-    new_state = TrainState(step=state.step + 1, params=params, ema_params=ema,
-                           opt_state=opt_state, uw_log_vars=log_vars, uw_opt_state=uw_opt_state)
+    new_state = TrainState(
+        step=state.step + 1,
+        params=params,
+        ema_params=ema,
+        opt_state=opt_state,
+        uw_log_vars=log_vars,
+        uw_opt_state=uw_opt_state,
+    )
     return new_state, _step_metrics(task, state, loss, terms, t, grads, new_state)
 
 
 def _step_metrics(task, state, loss, terms, t, grads, new_state) -> dict:
     per_sample = terms["mse"] + terms["vb"]
     onehot = jax.nn.one_hot(weighting.cluster_index(t, task.boundaries), len(task.boundaries) - 1)
-    metrics = dict(loss=loss, mse=terms["mse"].mean(), vb=terms["vb"].mean(),
-                   grad_norm=optax.global_norm(grads), learning_rate=task.learning_rate(state.step),
-                   cluster_loss_sum=onehot.T @ per_sample, cluster_count=onehot.sum(0))
+    metrics = dict(
+        loss=loss,
+        mse=terms["mse"].mean(),
+        vb=terms["vb"].mean(),
+        grad_norm=optax.global_norm(grads),
+        learning_rate=task.learning_rate(state.step),
+        cluster_loss_sum=onehot.T @ per_sample,
+        cluster_count=onehot.sum(0),
+    )
     if task.uses_uw:
         metrics["uw_weight"] = jnp.exp(-new_state.uw_log_vars)
     return metrics
@@ -155,9 +198,12 @@ def jit_train_step(task: Task, mesh, shardings):
     """The sharded step: state donated, batch split over (data, fsdp), tables replicated."""
     batch = sharding.batch_sharding(mesh)
     rep = sharding.replicated(mesh)
-    return jax.jit(functools.partial(train_step, task),
-                   in_shardings=(shardings, {"image": batch, "label": batch}, rep),
-                   out_shardings=(shardings, rep), donate_argnums=(0,))
+    return jax.jit(
+        functools.partial(train_step, task),
+        in_shardings=(shardings, {"image": batch, "label": batch}, rep),
+        out_shardings=(shardings, rep),
+        donate_argnums=(0,),
+    )
 
 
 def summarize(metrics: list[dict], boundaries) -> dict:
@@ -191,8 +237,7 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       devices=None) -> TrainState:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> TrainState:
     """Trains (resuming from WORKDIR if it holds a checkpoint); returns the final state.
 
     A run that reaches num_train_steps also writes WORKDIR/ema_params.msgpack
@@ -205,8 +250,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     task = make_task(config)
     mesh = sharding.make_mesh(config.mesh, devices)
     abstract, shardings = state_layout(task, mesh)
-    ckpt = checkpoint.Checkpoints(workdir, max_to_keep=config.checkpoint.max_to_keep,
-                                  async_save=config.checkpoint.async_save)
+    ckpt = checkpoint.Checkpoints(
+        workdir, max_to_keep=config.checkpoint.max_to_keep, async_save=config.checkpoint.async_save
+    )
     if ckpt.latest_step() is not None:
         logging.info("Resuming from %s at step %d", workdir, ckpt.latest_step())
         state = ckpt.restore(checkpoint.restore_target(abstract, shardings))
@@ -246,11 +292,20 @@ def _loop(task, mesh, shardings, state, start, ckpt, writer, workdir):
     tables = None if task.tables is None else jax.device_put(task.tables, sharding.replicated(mesh))
     batches = device_batches(get_source(cfg), cfg, sharding.batch_sharding(mesh), start)
     meta = dict(config=cfg.to_dict(), signature=config_lib.model_signature(cfg))
-    hooks = [periodic_actions.ReportProgress(num_train_steps=cfg.num_train_steps, writer=writer,
-                                             every_steps=cfg.log_every_steps)]
+    hooks = [
+        periodic_actions.ReportProgress(
+            num_train_steps=cfg.num_train_steps, writer=writer, every_steps=cfg.log_every_steps
+        )
+    ]
     if cfg.profile_steps and jax.process_index() == 0:
-        hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=cfg.profile_steps,
-                                              first_profile=start + 10, every_secs=None))
+        hooks.append(
+            periodic_actions.Profile(
+                logdir=workdir,
+                num_profile_steps=cfg.profile_steps,
+                first_profile=start + 10,
+                every_secs=None,
+            )
+        )
     preemption = _Preemption()
     pending, tick, tick_step = [], time.perf_counter(), start
     try:
@@ -273,8 +328,9 @@ def _loop(task, mesh, shardings, state, start, ckpt, writer, workdir):
                 if cfg.sample_every_steps and (step % cfg.sample_every_steps == 0 or last):
                     grid = sample.class_grid(task, state.ema_params, tables, mesh)
                     writer.write_images(step, {"samples": grid[None]})
-                stop = preemption.requested or (jax.process_count() > 1
-                                                and ckpt.reached_preemption(step))
+                stop = preemption.requested or (
+                    jax.process_count() > 1 and ckpt.reached_preemption(step)
+                )
                 if step % cfg.checkpoint_every_steps == 0 or last or stop:
                     if pending:  # never write a checkpoint from a diverged run
                         _check_finite(summarize(pending, task.boundaries), step, ckpt)
@@ -291,7 +347,8 @@ def _check_finite(summary: dict, step: int, ckpt) -> None:
     if not np.isfinite(summary["loss"]):
         raise FloatingPointError(
             f"loss is {summary['loss']} at step {step}: stopping without saving; the last good "
-            f"checkpoint is step {ckpt.latest_step()}")
+            f"checkpoint is step {ckpt.latest_step()}"
+        )
 
 
 def _flat(config) -> dict:

@@ -85,10 +85,14 @@ def interval_clustering(log_snr: np.ndarray, num_clusters: int) -> np.ndarray:
 
 def total_cost(log_snr: np.ndarray, boundaries: np.ndarray) -> float:
     """Sum of interval_cost over the intervals given by ``boundaries``."""
-    return sum(interval_cost(log_snr, int(a), int(b)) for a, b in zip(boundaries[:-1], boundaries[1:]))
+    return sum(
+        interval_cost(log_snr, int(a), int(b)) for a, b in zip(boundaries[:-1], boundaries[1:])
+    )
 
 
-def cluster_boundaries(clustering: str, alphas_cumprod: np.ndarray, num_clusters: int) -> np.ndarray:
+def cluster_boundaries(
+    clustering: str, alphas_cumprod: np.ndarray, num_clusters: int
+) -> np.ndarray:
     """Boundaries (K+1,) for 'uniform' intervals or ANT's 'snr' interval clustering."""
     if clustering == "uniform":
         return uniform_intervals(len(alphas_cumprod), num_clusters)
@@ -104,7 +108,9 @@ def cluster_index(t: jax.Array, boundaries) -> jax.Array:
     return jnp.clip(idx, 0, b.shape[0] - 2).astype(jnp.int32)
 
 
-def sample_timesteps(rng: jax.Array, batch_size: int, num_timesteps: int, boundaries=None) -> jax.Array:
+def sample_timesteps(
+    rng: jax.Array, batch_size: int, num_timesteps: int, boundaries=None
+) -> jax.Array:
     """t (batch_size,) int32: uniform on [0, T), or stratified over clusters if ``boundaries`` given.
 
     Stratified: batch_size / K samples per cluster, uniform inside it, laid out
@@ -117,7 +123,8 @@ def sample_timesteps(rng: jax.Array, batch_size: int, num_timesteps: int, bounda
     if batch_size % num_clusters:
         raise ValueError(
             f"batch_size={batch_size} is not divisible by num_clusters={num_clusters}: "
-            "stratified sampling needs an equal share per cluster")
+            "stratified sampling needs an equal share per cluster"
+        )
     reps = batch_size // num_clusters
     lo = jnp.asarray(np.tile(b[:-1], reps), jnp.int32)
     hi = jnp.asarray(np.tile(b[1:], reps), jnp.int32)
@@ -137,8 +144,18 @@ def uw_loss(per_sample_loss: jax.Array, cluster_ids: jax.Array, log_vars: jax.Ar
     return loss, means
 
 
-def combine(kind: str, mse: jax.Array, vb: jax.Array, t: jax.Array, snr_table, *,
-            gamma: float = 5.0, k: float = 1.0, log_vars=None, boundaries=None):
+def combine(
+    kind: str,
+    mse: jax.Array,
+    vb: jax.Array,
+    t: jax.Array,
+    snr_table,
+    *,
+    gamma: float = 5.0,
+    k: float = 1.0,
+    log_vars=None,
+    boundaries=None,
+):
     """Scalar loss and aux dict from per-sample ``mse`` and ``vb`` (B,)."""
     if kind == "uw":
         if log_vars is None or boundaries is None:
@@ -170,22 +187,36 @@ def _check_num_clusters(num_timesteps: int, num_clusters: int) -> None:
         raise ValueError(f"num_clusters={num_clusters} must be in [1, {num_timesteps}]")
 
 
-def validate(kind: str, *, gamma: float, k: float, num_clusters: int, clustering: str,
-             global_batch_size: int | None = None, num_timesteps: int = 1000) -> list[str]:
+def validate(
+    kind: str,
+    *,
+    gamma: float,
+    k: float,
+    num_clusters: int,
+    clustering: str,
+    global_batch_size: int | None = None,
+    num_timesteps: int = 1000,
+) -> list[str]:
     """Human-readable problems with a weighting config (empty list if fine)."""
     problems = []
     if kind not in KINDS:
         problems.append(f"weighting.kind={kind!r} is unknown: expected one of {KINDS}")
     if clustering not in CLUSTERINGS:
-        problems.append(f"weighting.clustering={clustering!r} is unknown: expected one of {CLUSTERINGS}")
+        problems.append(
+            f"weighting.clustering={clustering!r} is unknown: expected one of {CLUSTERINGS}"
+        )
     if kind in ("min_snr", "p2") and not gamma > 0:
         problems.append(f"weighting.gamma={gamma} must be > 0 for kind {kind!r}")
     if kind == "p2" and not k >= 0:
         problems.append(f"weighting.k={k} must be >= 0 for kind 'p2'")
     if not 1 <= num_clusters <= num_timesteps:
-        problems.append(f"weighting.num_clusters={num_clusters} must be in [1, {num_timesteps}] "
-                        f"(num_timesteps={num_timesteps})")
+        problems.append(
+            f"weighting.num_clusters={num_clusters} must be in [1, {num_timesteps}] "
+            f"(num_timesteps={num_timesteps})"
+        )
     elif kind == "uw" and global_batch_size is not None and global_batch_size % num_clusters:
-        problems.append(f"weighting.num_clusters={num_clusters} cannot stratify "
-                        f"global_batch_size={global_batch_size}: it must divide the global batch")
+        problems.append(
+            f"weighting.num_clusters={num_clusters} cannot stratify "
+            f"global_batch_size={global_batch_size}: it must divide the global batch"
+        )
     return problems

@@ -41,6 +41,7 @@ def _adm_space_timesteps(num_timesteps, counts):
 
 # ----------------------------------------------------------------------------- schedules
 
+
 def test_linear_betas():
     b = D.get_betas("linear", T)
     assert b.dtype == np.float64 and b.shape == (T,)
@@ -72,6 +73,7 @@ def test_unknown_schedule():
 
 # ----------------------------------------------------------------------------- respacing
 
+
 def test_space_timesteps_250():
     steps = D.space_timesteps(T, "250")
     assert len(steps) == 250
@@ -100,8 +102,9 @@ def test_respace_keeps_alphas_cumprod(schedule):
     assert sp.num_timesteps == 250 and sp.timestep_map.dtype == np.int32
     np.testing.assert_array_equal(sp.timestep_map, keep)
     np.testing.assert_allclose(sp.alphas_cumprod, full.alphas_cumprod[keep], rtol=1e-12)
-    np.testing.assert_allclose(sp.betas[1:], 1 - full.alphas_cumprod[keep[1:]]
-                               / full.alphas_cumprod[keep[:-1]], rtol=1e-12)
+    np.testing.assert_allclose(
+        sp.betas[1:], 1 - full.alphas_cumprod[keep[1:]] / full.alphas_cumprod[keep[:-1]], rtol=1e-12
+    )
     np.testing.assert_array_equal(full.timestep_map, np.arange(T))
     # Respacing a respaced process composes the maps.
     sp2 = sp.respace(range(0, 250, 5))
@@ -118,6 +121,7 @@ def test_snr(diff):
 
 # ----------------------------------------------------------------------------- forward process
 
+
 def test_q_sample_exact_and_moments(diff):
     abar = np.cumprod(1 - np.linspace(1e-4, 0.02, T))
     t = np.array([0, 100, 500, 999])
@@ -132,8 +136,9 @@ def test_q_sample_exact_and_moments(diff):
     assert np.all(np.abs(mean - np.sqrt(abar[t]) * x0[:, 0, 0, 0]) < 5 * np.sqrt((1 - abar[t]) / n))
     np.testing.assert_allclose(var, 1 - abar[t], rtol=5 * np.sqrt(2 / n))
     m, v, lv = diff.q_mean_variance(x0, jnp.asarray(t))
-    np.testing.assert_allclose(np.asarray(m)[:, 0, 0, 0], np.sqrt(abar[t]) * x0[:, 0, 0, 0],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(m)[:, 0, 0, 0], np.sqrt(abar[t]) * x0[:, 0, 0, 0], rtol=1e-6
+    )
     np.testing.assert_allclose(np.asarray(v).ravel(), 1 - abar[t], rtol=1e-5)
     np.testing.assert_allclose(np.asarray(lv).ravel(), np.log(1 - abar[t]), rtol=1e-5)
 
@@ -151,12 +156,14 @@ def test_q_posterior_closed_form(diff):
     np.testing.assert_allclose(var.ravel(), want_var, rtol=1e-5)
     np.testing.assert_allclose(logvar.ravel(), np.log(want_var), rtol=1e-5)
     c1, c2 = b * np.sqrt(abp) / (1 - ab), (1 - abp) * np.sqrt(1 - b) / (1 - ab)
-    np.testing.assert_allclose(mean, _bcast(c1, x0) * x0 + _bcast(c2, x0) * xt,
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        mean, _bcast(c1, x0) * x0 + _bcast(c2, x0) * xt, rtol=1e-5, atol=1e-6
+    )
     # Bayes: q(x_{t-1}|x_0) = N(sqrt(abp) x0, 1-abp), q(x_t|x_{t-1}) = N(sqrt(1-b) x_{t-1}, b).
     prec = 1 / (1 - abp) + (1 - b) / b
-    bayes_mean = _bcast(1 / prec, x0) * (_bcast(np.sqrt(abp) / (1 - abp), x0) * x0
-                                         + _bcast(np.sqrt(1 - b) / b, x0) * xt)
+    bayes_mean = _bcast(1 / prec, x0) * (
+        _bcast(np.sqrt(abp) / (1 - abp), x0) * x0 + _bcast(np.sqrt(1 - b) / b, x0) * xt
+    )
     np.testing.assert_allclose(var.ravel(), 1 / prec, rtol=1e-5)
     np.testing.assert_allclose(mean, bayes_mean, rtol=1e-4, atol=1e-5)
     # t = 0: the posterior is a point mass at x0; its log variance is clipped to row 1.
@@ -167,6 +174,7 @@ def test_q_posterior_closed_form(diff):
 
 
 # ----------------------------------------------------------------------------- reverse / VB
+
 
 def _exact_model_output(diff, x0, xt, t, v):
     """eps recovered from (x0, x_t) exactly, plus the variance channel v."""
@@ -180,14 +188,19 @@ def test_p_mean_variance_learned_range(diff):
     rng = np.random.default_rng(1)
     x0, xt = rng.normal(size=(2, *SHAPE)).astype(np.float32)
     pv = diff.betas[t] * (1 - diff.alphas_cumprod[t - 1]) / (1 - diff.alphas_cumprod[t])
-    for v, want_logvar in [(-1.0, np.log(pv)), (1.0, np.log(diff.betas[t])),
-                           (0.0, 0.5 * np.log(pv) + 0.5 * np.log(diff.betas[t]))]:
+    for v, want_logvar in [
+        (-1.0, np.log(pv)),
+        (1.0, np.log(diff.betas[t])),
+        (0.0, 0.5 * np.log(pv) + 0.5 * np.log(diff.betas[t])),
+    ]:
         out = diff.p_mean_variance(_exact_model_output(diff, x0, xt, t, v), xt, jnp.asarray(t))
-        np.testing.assert_allclose(np.asarray(out["log_variance"])[:, 0, 0, 0], want_logvar,
-                                   rtol=1e-5)
+        np.testing.assert_allclose(
+            np.asarray(out["log_variance"])[:, 0, 0, 0], want_logvar, rtol=1e-5
+        )
         np.testing.assert_allclose(out["pred_xstart"], x0, atol=1e-4)
-    clipped = diff.p_mean_variance(_exact_model_output(diff, 3 * x0, xt, t, 0.0), xt,
-                                   jnp.asarray(t), clip_denoised=True)
+    clipped = diff.p_mean_variance(
+        _exact_model_output(diff, 3 * x0, xt, t, 0.0), xt, jnp.asarray(t), clip_denoised=True
+    )
     assert float(jnp.abs(clipped["pred_xstart"]).max()) <= 1.0
 
 
@@ -212,10 +225,13 @@ def test_vb_known_kl(diff):
     # Model mean shifts by c1 * dx0, where dx0 = -sqrt(1/abar - 1) * delta.
     dmean = _bcast(c1 * np.sqrt(1 / ab - 1), x0) * delta
     s1, s2 = b * (1 - abp) / (1 - ab), b  # true (posterior) and model variances
-    kl = 0.5 * (_bcast(np.log(s2 / s1) + s1 / s2 - 1, x0) + dmean ** 2 / _bcast(s2, x0))
+    kl = 0.5 * (_bcast(np.log(s2 / s1) + s1 / s2 - 1, x0) + dmean**2 / _bcast(s2, x0))
     want = kl.reshape(4, -1).mean(1) / math.log(2)
-    got = np.asarray(jax.jit(diff.vb_terms_bpd)(out, x0.astype(np.float32),
-                                                 xt.astype(np.float32), jnp.asarray(t)))
+    got = np.asarray(
+        jax.jit(diff.vb_terms_bpd)(
+            out, x0.astype(np.float32), xt.astype(np.float32), jnp.asarray(t)
+        )
+    )
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-5)
 
 
@@ -238,7 +254,7 @@ def test_decoder_nll_at_t0(diff):
     sd = np.exp(0.5 * logvar)
 
     def cdf_approx(z):
-        return 0.5 * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z ** 3)))
+        return 0.5 * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z**3)))
 
     def nll(cdf):
         hi, lo = cdf((x0 - mean + 1 / 255) / sd), cdf((x0 - mean - 1 / 255) / sd)
@@ -251,13 +267,14 @@ def test_decoder_nll_at_t0(diff):
 
 def test_normal_kl_and_cdf():
     m1, lv1, m2, lv2 = 0.3, np.log(0.5), -0.2, np.log(2.0)
-    want = np.log(np.sqrt(2.0) / np.sqrt(0.5)) + (0.5 + 0.5 ** 2) / (2 * 2.0) - 0.5
+    want = np.log(np.sqrt(2.0) / np.sqrt(0.5)) + (0.5 + 0.5**2) / (2 * 2.0) - 0.5
     assert float(D.normal_kl(m1, lv1, m2, lv2)) == pytest.approx(want, rel=1e-5)
     z = np.linspace(-4, 4, 41)
     np.testing.assert_allclose(D.approx_standard_normal_cdf(z), ndtr(z), atol=2e-4)
 
 
 # ----------------------------------------------------------------------------- training loss
+
 
 def _param_model(params):
     return lambda x, t: jnp.concatenate([params["eps"], params["v"]], axis=-1)
@@ -303,12 +320,13 @@ def test_training_losses_no_learned_sigma_and_timestep_map():
     assert len(seen) == 1 and seen[0].dtype == jnp.int32
     np.testing.assert_array_equal(seen[0], [4, 999])  # original timesteps
     np.testing.assert_array_equal(out["vb"], 0.0)
-    np.testing.assert_allclose(out["loss"], jnp.mean(noise ** 2, axis=(1, 2, 3)), rtol=1e-6)
+    np.testing.assert_allclose(out["loss"], jnp.mean(noise**2, axis=(1, 2, 3)), rtol=1e-6)
     with pytest.raises(ValueError, match="channels"):
         sp.training_losses(lambda x, t: jnp.concatenate([x, x], -1), x0, jnp.array([1, 2]), noise)
 
 
 # ----------------------------------------------------------------------------- samplers
+
 
 def _exact_x0_model(diff_full, x0):
     """A model whose data is the single point x0; it sees ORIGINAL timesteps."""
@@ -318,6 +336,7 @@ def _exact_x0_model(diff_full, x0):
     def model(x, t):
         eps = (x - sab[t][:, None, None, None] * x0) / s1m[t][:, None, None, None]
         return jnp.concatenate([eps, jnp.zeros_like(eps)], axis=-1)
+
     return model
 
 
@@ -354,8 +373,9 @@ def test_ddpm_deterministic_and_finite(diff):
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, c)
     fixed = D.GaussianDiffusion.create(learn_sigma=False, timestep_respacing="ddim25")
-    y = jax.jit(lambda r: fixed.ddpm_sample(lambda x, t: jnp.zeros_like(x), SHAPE, r,
-                                            clip_denoised=True))(jax.random.PRNGKey(0))
+    y = jax.jit(
+        lambda r: fixed.ddpm_sample(lambda x, t: jnp.zeros_like(x), SHAPE, r, clip_denoised=True)
+    )(jax.random.PRNGKey(0))
     assert bool(jnp.all(jnp.isfinite(y)))
 
 

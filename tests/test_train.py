@@ -20,11 +20,19 @@ DIGITS = str(ROOT / "configs" / "digits.py")
 def tiny(**overrides):
     """The digits default shrunk to compile and run in seconds."""
     base = {
-        "num_train_steps": 4, "global_batch_size": 16, "log_every_steps": 1,
-        "checkpoint_every_steps": 100, "sample_every_steps": 0,
-        "model.depth": 1, "model.hidden_size": 32, "model.num_heads": 2,
-        "optimizer.warmup_steps": 0, "mesh.data": -1, "mesh.fsdp": 1,
-        "sample.num_steps": 4, "sample.grid_per_class": 1,
+        "num_train_steps": 4,
+        "global_batch_size": 16,
+        "log_every_steps": 1,
+        "checkpoint_every_steps": 100,
+        "sample_every_steps": 0,
+        "model.depth": 1,
+        "model.hidden_size": 32,
+        "model.num_heads": 2,
+        "optimizer.warmup_steps": 0,
+        "mesh.data": -1,
+        "mesh.fsdp": 1,
+        "sample.num_steps": 4,
+        "sample.grid_per_class": 1,
     }
     return load_config(DIGITS, **(base | overrides))
 
@@ -47,14 +55,27 @@ def leaves(tree):
 
 
 def test_tiny_run_learns_and_writes_outputs(tmp_path):
-    config = tiny(**{"num_train_steps": 60, "log_every_steps": 20, "model.hidden_size": 64,
-                     "model.num_heads": 4, "optimizer.learning_rate": 2e-3})
+    config = tiny(
+        **{
+            "num_train_steps": 60,
+            "log_every_steps": 20,
+            "model.hidden_size": 64,
+            "model.num_heads": 4,
+            "optimizer.learning_rate": 2e-3,
+        }
+    )
     train.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
     loss = read_scalars(tmp_path, "loss")
     assert sorted(loss) == [20, 40, 60]
     assert loss[60] < 0.5 * loss[20], loss
-    for tag in ("grad_norm", "learning_rate", "steps_per_sec", "images_per_sec",
-                "cluster_loss/0_t0-124", "cluster_loss/7_t875-999"):
+    for tag in (
+        "grad_norm",
+        "learning_rate",
+        "steps_per_sec",
+        "images_per_sec",
+        "cluster_loss/0_t0-124",
+        "cluster_loss/7_t875-999",
+    ):
         assert read_scalars(tmp_path, tag), tag
     assert (tmp_path / "ema_params.msgpack").stat().st_size > 0
     assert (tmp_path / "samples.png").stat().st_size > 0
@@ -63,14 +84,16 @@ def test_tiny_run_learns_and_writes_outputs(tmp_path):
 
 def test_eight_devices_fsdp_match_one_device(tmp_path):
     one = train.train_and_evaluate(tiny(), str(tmp_path / "one"), devices=jax.devices()[:1])
-    eight = train.train_and_evaluate(tiny(**{"mesh.data": 4, "mesh.fsdp": 2}),
-                                     str(tmp_path / "eight"))
+    eight = train.train_and_evaluate(
+        tiny(**{"mesh.data": 4, "mesh.fsdp": 2}), str(tmp_path / "eight")
+    )
     kernel = eight.params["blocks_0"]["mlp"]["fc1"]["kernel"]
     assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", None)
     loss_one, loss_eight = (read_scalars(tmp_path / d, "loss") for d in ("one", "eight"))
     assert sorted(loss_one) == sorted(loss_eight) == [1, 2, 3, 4]
-    np.testing.assert_allclose([loss_eight[s] for s in range(1, 5)],
-                               [loss_one[s] for s in range(1, 5)], rtol=2e-5)
+    np.testing.assert_allclose(
+        [loss_eight[s] for s in range(1, 5)], [loss_one[s] for s in range(1, 5)], rtol=2e-5
+    )
     for a, b in zip(leaves(eight.params), leaves(one.params)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
@@ -112,8 +135,9 @@ def test_workdir_of_another_model_is_refused_untouched(tmp_path):
     before = _snapshot(tmp_path)
     for override in ({"model.hidden_size": 64}, {"model.routing.kind": "random"}):
         with pytest.raises(ConfigError, match="different model"):
-            train.train_and_evaluate(tiny(num_train_steps=2, **override), str(tmp_path),
-                                     devices=one)
+            train.train_and_evaluate(
+                tiny(num_train_steps=2, **override), str(tmp_path), devices=one
+            )
     assert _snapshot(tmp_path) == before
 
 
@@ -125,22 +149,25 @@ def test_workdir_that_cannot_be_created_is_refused(tmp_path):
     assert blocker.read_text() == "x"
 
 
-@pytest.mark.parametrize("overrides, field", [
-    ({"model.routing.beta": 1.5}, "model.routing.beta"),
-    ({"model.routing.alpha": 0.0}, "model.routing.alpha"),
-    ({"model.routing.kind": "learned"}, "model.routing.kind"),
-    ({"model.num_heads": 3}, "model.num_heads"),
-    ({"model.input_size": 9}, "model.patch_size"),
-    ({"model.name": "DiT-Q/2"}, "model.name"),
-    ({"global_batch_size": 12, "mesh.data": 8}, "global_batch_size"),
-    ({"mesh.data": 3}, "mesh.data"),
-    ({"weighting.kind": "uw", "weighting.num_clusters": 6}, "weighting.num_clusters"),
-    ({"weighting.kind": "focal"}, "weighting.kind"),
-    ({"data.name": "imagenet2077"}, "data.name"),
-    ({"diffusion.schedule": "quadratic"}, "diffusion.schedule"),
-    ({"model.dtype": "float8"}, "model.dtype"),
-    ({"sample.labels": "3,12"}, "sample.labels"),
-])
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"model.routing.beta": 1.5}, "model.routing.beta"),
+        ({"model.routing.alpha": 0.0}, "model.routing.alpha"),
+        ({"model.routing.kind": "learned"}, "model.routing.kind"),
+        ({"model.num_heads": 3}, "model.num_heads"),
+        ({"model.input_size": 9}, "model.patch_size"),
+        ({"model.name": "DiT-Q/2"}, "model.name"),
+        ({"global_batch_size": 12, "mesh.data": 8}, "global_batch_size"),
+        ({"mesh.data": 3}, "mesh.data"),
+        ({"weighting.kind": "uw", "weighting.num_clusters": 6}, "weighting.num_clusters"),
+        ({"weighting.kind": "focal"}, "weighting.kind"),
+        ({"data.name": "imagenet2077"}, "data.name"),
+        ({"diffusion.schedule": "quadratic"}, "diffusion.schedule"),
+        ({"model.dtype": "float8"}, "model.dtype"),
+        ({"sample.labels": "3,12"}, "sample.labels"),
+    ],
+)
 def test_invalid_config_names_its_field(overrides, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         validate(tiny(**overrides), num_devices=8)
@@ -154,26 +181,52 @@ def test_validation_reports_every_problem_at_once():
 
 @pytest.mark.parametrize("name", ["dit_s", "dit_b", "dit_l", "dit_xl"])
 def test_paper_configs_run_two_synthetic_steps(name, tmp_path):
-    config = load_config(str(ROOT / "configs" / f"{name}.py"), **{
-        "num_train_steps": 2, "global_batch_size": 2, "log_every_steps": 1,
-        "model.depth": 1, "data.name": "synthetic", "mesh.data": 1, "mesh.fsdp": 2,
-        "sample.num_steps": 2, "sample.grid_per_class": 1})
+    config = load_config(
+        str(ROOT / "configs" / f"{name}.py"),
+        **{
+            "num_train_steps": 2,
+            "global_batch_size": 2,
+            "log_every_steps": 1,
+            "model.depth": 1,
+            "data.name": "synthetic",
+            "mesh.data": 1,
+            "mesh.fsdp": 2,
+            "sample.num_steps": 2,
+            "sample.grid_per_class": 1,
+        },
+    )
     state = train.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:2])
     assert int(state.step) == 2
     assert np.isfinite(read_scalars(tmp_path, "loss")[2])
-    assert state.params["x_embedder"]["proj"]["kernel"].shape[-1] == {
-        "dit_s": 384, "dit_b": 768, "dit_l": 1024, "dit_xl": 1152}[name]
+    assert (
+        state.params["x_embedder"]["proj"]["kernel"].shape[-1]
+        == {"dit_s": 384, "dit_b": 768, "dit_l": 1024, "dit_xl": 1152}[name]
+    )
 
 
 def test_sigterm_saves_and_resume_finishes(tmp_path):
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-    cmd = [sys.executable, "-m", "dtr_jax.main", "--config", DIGITS, "--workdir", str(tmp_path),
-           "--config.model.depth=1", "--config.model.hidden_size=32", "--config.model.num_heads=2",
-           "--config.global_batch_size=16", "--config.log_every_steps=5",
-           "--config.checkpoint_every_steps=100000", "--config.sample_every_steps=0",
-           "--config.sample.num_steps=4", "--config.sample.grid_per_class=1"]
-    proc = subprocess.Popen(cmd + ["--config.num_train_steps=100000"], env=env,
-                            stderr=subprocess.PIPE, text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "dtr_jax.main",
+        "--config",
+        DIGITS,
+        "--workdir",
+        str(tmp_path),
+        "--config.model.depth=1",
+        "--config.model.hidden_size=32",
+        "--config.model.num_heads=2",
+        "--config.global_batch_size=16",
+        "--config.log_every_steps=5",
+        "--config.checkpoint_every_steps=100000",
+        "--config.sample_every_steps=0",
+        "--config.sample.num_steps=4",
+        "--config.sample.grid_per_class=1",
+    ]
+    proc = subprocess.Popen(
+        cmd + ["--config.num_train_steps=100000"], env=env, stderr=subprocess.PIPE, text=True
+    )
     for line in proc.stderr:  # wait until training is clearly under way
         if "] loss=" in line or "] cluster_loss" in line:
             break
@@ -183,7 +236,12 @@ def test_sigterm_saves_and_resume_finishes(tmp_path):
     steps = checkpoint.Checkpoints(str(tmp_path), read_only=True).all_steps()
     assert len(steps) == 1 and 5 <= steps[0] < 100000
     finish = steps[0] + 3
-    subprocess.run(cmd + [f"--config.num_train_steps={finish}"], env=env, check=True,
-                   capture_output=True, timeout=300)
+    subprocess.run(
+        cmd + [f"--config.num_train_steps={finish}"],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     assert checkpoint.Checkpoints(str(tmp_path), read_only=True).latest_step() == finish
     assert (tmp_path / "samples.png").exists()

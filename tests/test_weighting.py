@@ -41,10 +41,14 @@ def test_min_snr():
 
 
 def test_p2():
-    np.testing.assert_allclose(W.mse_weight("p2", SNRS, gamma=1.0, k=1.0),
-                               [1, 1 / 1.5, 0.5, 1 / 6, 1 / 11, 1 / 101], rtol=1e-6)
-    np.testing.assert_allclose(W.mse_weight("p2", SNRS, gamma=0.5, k=1.0),
-                               1 / np.sqrt(1 + np.asarray(SNRS)), rtol=1e-6)
+    np.testing.assert_allclose(
+        W.mse_weight("p2", SNRS, gamma=1.0, k=1.0),
+        [1, 1 / 1.5, 0.5, 1 / 6, 1 / 11, 1 / 101],
+        rtol=1e-6,
+    )
+    np.testing.assert_allclose(
+        W.mse_weight("p2", SNRS, gamma=0.5, k=1.0), 1 / np.sqrt(1 + np.asarray(SNRS)), rtol=1e-6
+    )
 
 
 def test_p2_is_per_sample(abar):
@@ -67,8 +71,11 @@ def test_unknown_kind():
 
 def _batch(seed=0, b=16):
     r = np.random.default_rng(seed)
-    return (jnp.asarray(r.random(b), jnp.float32), jnp.asarray(r.random(b), jnp.float32),
-            jnp.asarray(r.integers(0, T, b), jnp.int32))
+    return (
+        jnp.asarray(r.random(b), jnp.float32),
+        jnp.asarray(r.random(b), jnp.float32),
+        jnp.asarray(r.integers(0, T, b), jnp.int32),
+    )
 
 
 def test_combine_constant(abar):
@@ -232,8 +239,10 @@ def test_interval_clustering_linear(abar, k):
 
 def _brute_force(lam, k):
     n = len(lam)
-    best = min(itertools.combinations(range(1, n), k - 1),
-               key=lambda cuts: W.total_cost(lam, np.array((0, *cuts, n))))
+    best = min(
+        itertools.combinations(range(1, n), k - 1),
+        key=lambda cuts: W.total_cost(lam, np.array((0, *cuts, n))),
+    )
     return W.total_cost(lam, np.array((0, *best, n)))
 
 
@@ -258,8 +267,9 @@ def test_cluster_boundaries_dispatch(abar):
 
 
 def _ok(**kw):
-    base = dict(kind="uw", gamma=5.0, k=1.0, num_clusters=8, clustering="uniform",
-                global_batch_size=256)
+    base = dict(
+        kind="uw", gamma=5.0, k=1.0, num_clusters=8, clustering="uniform", global_batch_size=256
+    )
     return W.validate(**{**base, **kw})
 
 
@@ -269,16 +279,19 @@ def test_validate_ok():
     assert _ok(kind="p2", gamma=1.0, k=0.0) == []
 
 
-@pytest.mark.parametrize("kw, expected", [
-    (dict(kind="focal"), "weighting.kind='focal'"),
-    (dict(clustering="kmeans"), "weighting.clustering='kmeans'"),
-    (dict(kind="min_snr", gamma=0.0), "weighting.gamma=0.0"),
-    (dict(kind="p2", gamma=-1.0), "weighting.gamma=-1.0"),
-    (dict(kind="p2", k=-0.5), "weighting.k=-0.5"),
-    (dict(num_clusters=0), "weighting.num_clusters=0"),
-    (dict(num_clusters=1001, kind="constant"), "weighting.num_clusters=1001"),
-    (dict(global_batch_size=12), "weighting.num_clusters=8"),
-])
+@pytest.mark.parametrize(
+    "kw, expected",
+    [
+        (dict(kind="focal"), "weighting.kind='focal'"),
+        (dict(clustering="kmeans"), "weighting.clustering='kmeans'"),
+        (dict(kind="min_snr", gamma=0.0), "weighting.gamma=0.0"),
+        (dict(kind="p2", gamma=-1.0), "weighting.gamma=-1.0"),
+        (dict(kind="p2", k=-0.5), "weighting.k=-0.5"),
+        (dict(num_clusters=0), "weighting.num_clusters=0"),
+        (dict(num_clusters=1001, kind="constant"), "weighting.num_clusters=1001"),
+        (dict(global_batch_size=12), "weighting.num_clusters=8"),
+    ],
+)
 def test_validate_reports_field(kw, expected):
     problems = _ok(**kw)
     assert len(problems) == 1 and problems[0].startswith(expected)
@@ -290,4 +303,5 @@ def test_validate_reports_all():
 
 def test_validate_batch_message():
     assert _ok(global_batch_size=12) == [
-        "weighting.num_clusters=8 cannot stratify global_batch_size=12: it must divide the global batch"]
+        "weighting.num_clusters=8 cannot stratify global_batch_size=12: it must divide the global batch"
+    ]

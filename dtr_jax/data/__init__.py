@@ -16,11 +16,18 @@ def validate_data(config) -> list[str]:
             problems.append(
                 f"data.name='digits' holds 8x8x1 images of 10 classes: set model.input_size=8, "
                 f"model.in_channels=1, model.num_classes=10 (got {m.input_size}, "
-                f"{m.in_channels}, {m.num_classes})")
+                f"{m.in_channels}, {m.num_classes})"
+            )
     if config.data.prefetch < 0 or config.data.num_threads < 0:
         problems.append("data.prefetch and data.num_threads must be >= 0")
     return problems
 
 
-__all__ = ["ArraySource", "SOURCES", "device_batches", "get_source", "host_batches",
-           "validate_data"]
+__all__ = [
+    "ArraySource",
+    "SOURCES",
+    "device_batches",
+    "get_source",
+    "host_batches",
+    "validate_data",
+]

@@ -28,8 +28,15 @@ def _stack(examples) -> dict:
     return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
-def host_batches(source, *, seed: int, global_batch_size: int, flip: bool,
-                 process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+def host_batches(
+    source,
+    *,
+    seed: int,
+    global_batch_size: int,
+    flip: bool,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.MapDataset:
     """This host's batches as a random-access dataset: item k is its part of batch k."""
     ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
     if flip:
@@ -40,9 +47,14 @@ def host_batches(source, *, seed: int, global_batch_size: int, flip: bool,
 
 def device_batches(source, config, sharding, start_step: int = 0) -> Iterator[dict]:
     """Global jax.Arrays of the batches from `start_step` on, prefetched to the devices."""
-    ds = host_batches(source, seed=config.seed, global_batch_size=config.global_batch_size,
-                      flip=config.data.flip, process_index=jax.process_index(),
-                      process_count=jax.process_count())
+    ds = host_batches(
+        source,
+        seed=config.seed,
+        global_batch_size=config.global_batch_size,
+        flip=config.data.flip,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
     read = grain.ReadOptions(num_threads=config.data.num_threads, prefetch_buffer_size=4)
     host_iter = iter(ds[start_step:].to_iter_dataset(read))
 

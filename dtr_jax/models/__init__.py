@@ -14,44 +14,69 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def architecture(name: str, **overrides) -> dict:
-  """depth/hidden_size/num_heads/patch_size of `name`; non-None overrides win."""
-  if name not in MODEL_NAMES:
-    raise ValueError(f"model.name={name!r} is unknown: allowed {list(MODEL_NAMES)}")
-  size, patch = name[len("DiT-"):].split("/")
-  depth, hidden, heads = SIZES[size]
-  arch = dict(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=int(patch))
-  arch.update({k: v for k, v in overrides.items() if v is not None})
-  return arch
+    """depth/hidden_size/num_heads/patch_size of `name`; non-None overrides win."""
+    if name not in MODEL_NAMES:
+        raise ValueError(f"model.name={name!r} is unknown: allowed {list(MODEL_NAMES)}")
+    size, patch = name[len("DiT-") :].split("/")
+    depth, hidden, heads = SIZES[size]
+    arch = dict(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=int(patch))
+    arch.update({k: v for k, v in overrides.items() if v is not None})
+    return arch
 
 
-def create_dit(name: str, *, dtype: str = "float32", depth=None, hidden_size=None,
-               num_heads=None, patch_size=None, **kwargs) -> DiT:
-  """A DiT of the named size; depth/hidden_size/num_heads/patch_size override it.
+def create_dit(
+    name: str,
+    *,
+    dtype: str = "float32",
+    depth=None,
+    hidden_size=None,
+    num_heads=None,
+    patch_size=None,
+    **kwargs,
+) -> DiT:
+    """A DiT of the named size; depth/hidden_size/num_heads/patch_size override it.
 
-  Remaining keyword arguments go to `DiT` (input_size, in_channels,
-  num_classes, class_dropout_prob, learn_sigma, mlp_ratio, remat).
-  """
-  if dtype not in DTYPES:
-    raise ValueError(f"model.dtype={dtype!r} is unknown: allowed {list(DTYPES)}")
-  arch = architecture(name, depth=depth, hidden_size=hidden_size, num_heads=num_heads,
-                      patch_size=patch_size)
-  return DiT(dtype=DTYPES[dtype], **arch, **kwargs)
+    Remaining keyword arguments go to `DiT` (input_size, in_channels,
+    num_classes, class_dropout_prob, learn_sigma, mlp_ratio, remat).
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"model.dtype={dtype!r} is unknown: allowed {list(DTYPES)}")
+    arch = architecture(
+        name, depth=depth, hidden_size=hidden_size, num_heads=num_heads, patch_size=patch_size
+    )
+    return DiT(dtype=DTYPES[dtype], **arch, **kwargs)
 
 
 def from_config(config):
-  """(DiT, routing tables or None) for a full run config (model + diffusion)."""
-  from dtr_jax import routing  # local: keep the registry import-light
+    """(DiT, routing tables or None) for a full run config (model + diffusion)."""
+    from dtr_jax import routing  # local: keep the registry import-light
 
-  m = config.model
-  model = create_dit(m.name, dtype=m.dtype, depth=m.depth, hidden_size=m.hidden_size,
-                     num_heads=m.num_heads, patch_size=m.patch_size, input_size=m.input_size,
-                     in_channels=m.in_channels, num_classes=m.num_classes,
-                     class_dropout_prob=m.class_dropout_prob if m.num_classes > 1 else 0.0,
-                     learn_sigma=m.learn_sigma, remat=m.remat)
-  r = m.routing
-  tables = routing.model_tables(r.kind, config.diffusion.num_timesteps, model.hidden_size,
-                                model.depth, r.beta, r.alpha, r.seed)
-  return model, tables
+    m = config.model
+    model = create_dit(
+        m.name,
+        dtype=m.dtype,
+        depth=m.depth,
+        hidden_size=m.hidden_size,
+        num_heads=m.num_heads,
+        patch_size=m.patch_size,
+        input_size=m.input_size,
+        in_channels=m.in_channels,
+        num_classes=m.num_classes,
+        class_dropout_prob=m.class_dropout_prob,
+        learn_sigma=m.learn_sigma,
+        remat=m.remat,
+    )
+    r = m.routing
+    tables = routing.model_tables(
+        r.kind,
+        config.diffusion.num_timesteps,
+        model.hidden_size,
+        model.depth,
+        r.beta,
+        r.alpha,
+        r.seed,
+    )
+    return model, tables
 
 
 __all__ = ["DiT", "SIZES", "MODEL_NAMES", "architecture", "create_dit", "from_config"]

@@ -28,230 +28,265 @@ _normal = nn.initializers.normal(stddev=0.02)
 
 
 def _init(fn, *names):
-  return nn.with_logical_partitioning(fn, names)
+    return nn.with_logical_partitioning(fn, names)
 
 
 def _dense(features, names, name, dtype, kernel_init=_xavier, bias_init=_zeros):
-  return nn.Dense(features, dtype=dtype, name=name,
-                  kernel_init=_init(kernel_init, *names),
-                  bias_init=_init(bias_init, names[-1]))
+    return nn.Dense(
+        features,
+        dtype=dtype,
+        name=name,
+        kernel_init=_init(kernel_init, *names),
+        bias_init=_init(bias_init, names[-1]),
+    )
 
 
 def modulate(x, shift, scale):
-  return x * (1 + scale[:, None]) + shift[:, None]
+    return x * (1 + scale[:, None]) + shift[:, None]
 
 
 def timestep_embedding(t, dim: int, max_period: float = 10000.0):
-  """Sinusoidal embedding [cos, sin] of (possibly fractional) timesteps."""
-  half = dim // 2
-  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-  args = t.astype(jnp.float32)[:, None] * freqs[None]
-  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
-  if dim % 2:
-    emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
-  return emb
+    """Sinusoidal embedding [cos, sin] of (possibly fractional) timesteps."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32)[:, None] * freqs[None]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+    return emb
 
 
 def _sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
-  omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
-  out = np.einsum("m,d->md", pos.reshape(-1), omega)
-  return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+    out = np.einsum("m,d->md", pos.reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
 
 def sincos_pos_embed(dim: int, grid_size: int) -> np.ndarray:
-  """Fixed 2-D sin-cos position embedding (MAE recipe), (grid_size**2, dim)."""
-  grid_w, grid_h = np.meshgrid(np.arange(grid_size, dtype=np.float64),
-                               np.arange(grid_size, dtype=np.float64))
-  return np.concatenate([_sincos_1d(dim // 2, grid_w), _sincos_1d(dim // 2, grid_h)], axis=1)
+    """Fixed 2-D sin-cos position embedding (MAE recipe), (grid_size**2, dim)."""
+    grid_w, grid_h = np.meshgrid(
+        np.arange(grid_size, dtype=np.float64), np.arange(grid_size, dtype=np.float64)
+    )
+    return np.concatenate([_sincos_1d(dim // 2, grid_w), _sincos_1d(dim // 2, grid_h)], axis=1)
 
 
 class TimestepEmbedder(nn.Module):
-  hidden_size: int
-  freq_dim: int = 256
-  dtype: Dtype = jnp.float32
+    hidden_size: int
+    freq_dim: int = 256
+    dtype: Dtype = jnp.float32
 
-  @nn.compact
-  def __call__(self, t):
-    h = timestep_embedding(t, self.freq_dim).astype(self.dtype)
-    h = _dense(self.hidden_size, ("freq", "embed"), "mlp_0", self.dtype, _normal)(h)
-    h = _dense(self.hidden_size, ("cond", "embed"), "mlp_2", self.dtype, _normal)(nn.silu(h))
-    return h
+    @nn.compact
+    def __call__(self, t):
+        h = timestep_embedding(t, self.freq_dim).astype(self.dtype)
+        h = _dense(self.hidden_size, ("freq", "embed"), "mlp_0", self.dtype, _normal)(h)
+        h = _dense(self.hidden_size, ("cond", "embed"), "mlp_2", self.dtype, _normal)(nn.silu(h))
+        return h
 
 
 class LabelEmbedder(nn.Module):
-  """Class table with a last 'null' row for classifier-free guidance."""
-  num_classes: int
-  hidden_size: int
-  dropout_prob: float
-  dtype: Dtype = jnp.float32
+    """Class table with a last 'null' row for classifier-free guidance."""
 
-  @nn.compact
-  def __call__(self, y, train: bool):
-    if train and self.dropout_prob > 0:
-      drop = jax.random.uniform(self.make_rng("dropout"), y.shape) < self.dropout_prob
-      y = jnp.where(drop, self.num_classes, y)
-    table = nn.Embed(self.num_classes + 1, self.hidden_size, dtype=self.dtype,
-                     embedding_init=_init(_normal, "classes", "embed"),
-                     name="embedding_table")
-    return table(y)
+    num_classes: int
+    hidden_size: int
+    dropout_prob: float
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, y, train: bool):
+        if train and self.dropout_prob > 0 and self.num_classes > 1:  # SPEC §3: none if 1 class
+            drop = jax.random.uniform(self.make_rng("dropout"), y.shape) < self.dropout_prob
+            y = jnp.where(drop, self.num_classes, y)
+        table = nn.Embed(
+            self.num_classes + 1,
+            self.hidden_size,
+            dtype=self.dtype,
+            embedding_init=_init(_normal, "classes", "embed"),
+            name="embedding_table",
+        )
+        return table(y)
 
 
 class Attention(nn.Module):
-  num_heads: int
-  dtype: Dtype = jnp.float32
+    num_heads: int
+    dtype: Dtype = jnp.float32
 
-  @nn.compact
-  def __call__(self, x):
-    b, n, d = x.shape
-    qkv = _dense(3 * d, ("embed", "qkv"), "qkv", self.dtype)(x)
-    # PyTorch reshapes qkv to (B, N, 3, heads, head_dim).
-    q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, self.num_heads, d // self.num_heads), 2, 0)
-    out = jax.nn.dot_product_attention(q, k, v)
-    return _dense(d, ("heads", "embed"), "proj", self.dtype)(out.reshape(b, n, d))
+    @nn.compact
+    def __call__(self, x):
+        b, n, d = x.shape
+        qkv = _dense(3 * d, ("embed", "qkv"), "qkv", self.dtype)(x)
+        # PyTorch reshapes qkv to (B, N, 3, heads, head_dim).
+        q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, self.num_heads, d // self.num_heads), 2, 0)
+        out = jax.nn.dot_product_attention(q, k, v)
+        return _dense(d, ("heads", "embed"), "proj", self.dtype)(out.reshape(b, n, d))
 
 
 class Mlp(nn.Module):
-  hidden: int
-  dtype: Dtype = jnp.float32
+    hidden: int
+    dtype: Dtype = jnp.float32
 
-  @nn.compact
-  def __call__(self, x):
-    h = _dense(self.hidden, ("embed", "mlp"), "fc1", self.dtype)(x)
-    h = nn.gelu(h, approximate=True)
-    return _dense(x.shape[-1], ("mlp", "embed"), "fc2", self.dtype)(h)
+    @nn.compact
+    def __call__(self, x):
+        h = _dense(self.hidden, ("embed", "mlp"), "fc1", self.dtype)(x)
+        h = nn.gelu(h, approximate=True)
+        return _dense(x.shape[-1], ("mlp", "embed"), "fc2", self.dtype)(h)
 
 
 def _layer_norm(dtype):
-  return nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False, dtype=dtype)
+    return nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False, dtype=dtype)
 
 
 class DiTBlock(nn.Module):
-  """adaLN-Zero block; with a mask m it computes x + Block(x * m) (SPEC §2)."""
-  hidden_size: int
-  num_heads: int
-  mlp_ratio: float = 4.0
-  dtype: Dtype = jnp.float32
+    """adaLN-Zero block; with a mask m it computes x + Block(x * m) (SPEC §2)."""
 
-  @nn.compact
-  def __call__(self, x, c, mask=None):
-    d = self.hidden_size
-    mod = _dense(6 * d, ("embed", "adaln"), "adaLN_modulation_1", self.dtype, _zeros)(nn.silu(c))
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
-    h = x if mask is None else x * mask
-    attn = Attention(self.num_heads, self.dtype, name="attn")
-    h = h + gate_msa[:, None] * attn(modulate(_layer_norm(self.dtype)(h), shift_msa, scale_msa))
-    mlp = Mlp(int(d * self.mlp_ratio), self.dtype, name="mlp")
-    h = h + gate_mlp[:, None] * mlp(modulate(_layer_norm(self.dtype)(h), shift_mlp, scale_mlp))
-    return h if mask is None else h + x * (1 - mask)
+    hidden_size: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, c, mask=None):
+        d = self.hidden_size
+        mod = _dense(6 * d, ("embed", "adaln"), "adaLN_modulation_1", self.dtype, _zeros)(
+            nn.silu(c)
+        )
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
+        h = x if mask is None else x * mask
+        attn = Attention(self.num_heads, self.dtype, name="attn")
+        h = h + gate_msa[:, None] * attn(modulate(_layer_norm(self.dtype)(h), shift_msa, scale_msa))
+        mlp = Mlp(int(d * self.mlp_ratio), self.dtype, name="mlp")
+        h = h + gate_mlp[:, None] * mlp(modulate(_layer_norm(self.dtype)(h), shift_mlp, scale_mlp))
+        return h if mask is None else h + x * (1 - mask)
 
 
 class FinalLayer(nn.Module):
-  patch_size: int
-  out_channels: int
-  dtype: Dtype = jnp.float32
+    patch_size: int
+    out_channels: int
+    dtype: Dtype = jnp.float32
 
-  @nn.compact
-  def __call__(self, x, c):
-    d = x.shape[-1]
-    mod = _dense(2 * d, ("embed", "adaln"), "adaLN_modulation_1", self.dtype, _zeros)(nn.silu(c))
-    shift, scale = jnp.split(mod, 2, axis=-1)
-    x = modulate(_layer_norm(self.dtype)(x), shift, scale)
-    out = self.patch_size**2 * self.out_channels
-    return _dense(out, ("embed", "patch"), "linear", self.dtype, _zeros)(x)
+    @nn.compact
+    def __call__(self, x, c):
+        d = x.shape[-1]
+        mod = _dense(2 * d, ("embed", "adaln"), "adaLN_modulation_1", self.dtype, _zeros)(
+            nn.silu(c)
+        )
+        shift, scale = jnp.split(mod, 2, axis=-1)
+        x = modulate(_layer_norm(self.dtype)(x), shift, scale)
+        out = self.patch_size**2 * self.out_channels
+        return _dense(out, ("embed", "patch"), "linear", self.dtype, _zeros)(x)
 
 
 class PatchEmbed(nn.Module):
-  patch_size: int
-  hidden_size: int
-  dtype: Dtype = jnp.float32
+    patch_size: int
+    hidden_size: int
+    dtype: Dtype = jnp.float32
 
-  @nn.compact
-  def __call__(self, x):
-    p = self.patch_size
-    # PyTorch inits the conv as xavier over its (out, in*p*p) flattened view.
-    kinit = nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=-1)
-    conv = nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-                   kernel_init=_init(kinit, None, None, "channels", "embed"),
-                   bias_init=_init(_zeros, "embed"), name="proj")
-    h = conv(x)
-    return h.reshape(h.shape[0], -1, h.shape[-1])
+    @nn.compact
+    def __call__(self, x):
+        p = self.patch_size
+        # PyTorch inits the conv as xavier over its (out, in*p*p) flattened view.
+        kinit = nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=-1)
+        conv = nn.Conv(
+            self.hidden_size,
+            (p, p),
+            strides=(p, p),
+            padding="VALID",
+            dtype=self.dtype,
+            kernel_init=_init(kinit, None, None, "channels", "embed"),
+            bias_init=_init(_zeros, "embed"),
+            name="proj",
+        )
+        h = conv(x)
+        return h.reshape(h.shape[0], -1, h.shape[-1])
 
 
 class DiT(nn.Module):
-  """DiT over NHWC inputs; __call__(x, t, y, routing) -> (B, H, W, out_channels) fp32.
+    """DiT over NHWC inputs; __call__(x, t, y, routing) -> (B, H, W, out_channels) fp32.
 
-  Attributes:
-    input_size: spatial size H = W of the input (pixels or latents).
-    in_channels: input channels; the output has twice as many with learn_sigma.
-    num_classes: number of labels (1 = unconditional); row num_classes is null.
-    class_dropout_prob: label dropout in training (classifier-free guidance).
-    dtype: compute dtype (e.g. bfloat16); parameters stay float32.
-    remat: rematerialise each block in the backward pass to save memory.
-  """
-  input_size: int = 32
-  in_channels: int = 4
-  patch_size: int = 2
-  hidden_size: int = 1152
-  depth: int = 28
-  num_heads: int = 16
-  mlp_ratio: float = 4.0
-  num_classes: int = 1000
-  class_dropout_prob: float = 0.1
-  learn_sigma: bool = True
-  dtype: Dtype = jnp.float32
-  remat: bool = False
-
-  @property
-  def out_channels(self) -> int:
-    return 2 * self.in_channels if self.learn_sigma else self.in_channels
-
-  @nn.compact
-  def __call__(self, x, t, y, routing=None, train: bool = False):
-    """Args: x (B,H,W,C); t (B,) int timesteps in [0, T); y (B,) int labels;
-    routing: None or a (G, T, hidden_size) 0/1 table (G = 1 or depth)."""
-    grid = self.input_size // self.patch_size
-    x = PatchEmbed(self.patch_size, self.hidden_size, self.dtype, name="x_embedder")(x)
-    pos = sincos_pos_embed(self.hidden_size, grid)
-    x = x + jnp.asarray(pos, self.dtype)[None]
-    x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
-    c = TimestepEmbedder(self.hidden_size, dtype=self.dtype, name="t_embedder")(t)
-    c = c + LabelEmbedder(self.num_classes, self.hidden_size, self.class_dropout_prob,
-                          self.dtype, name="y_embedder")(y, train)
-    masks = None if routing is None else self._gather_masks(routing, t)
-    block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
-    for i in range(self.depth):
-      mask = None if masks is None else masks[i % masks.shape[0]]
-      x = block_cls(self.hidden_size, self.num_heads, self.mlp_ratio, self.dtype,
-                    name=f"blocks_{i}")(x, c, mask)
-      x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
-    x = FinalLayer(self.patch_size, self.out_channels, self.dtype, name="final_layer")(x, c)
-    return self._unpatchify(x).astype(jnp.float32)
-
-  def _gather_masks(self, routing, t):
-    """(G, T, C) table -> (G, B, 1, C) masks in the compute dtype."""
-    if routing.ndim != 3 or routing.shape[0] not in (1, self.depth) \
-        or routing.shape[2] != self.hidden_size:
-      raise ValueError(f"routing table has shape {routing.shape}: expected "
-                       f"(1 or depth={self.depth}, T, hidden_size={self.hidden_size})")
-    return jnp.asarray(routing)[:, t][:, :, None, :].astype(self.dtype)
-
-  def _unpatchify(self, x):
-    """(B, N, p*p*c) -> (B, H, W, c), patch channels ordered (p, q, c) as in PyTorch."""
-    p, c = self.patch_size, self.out_channels
-    g = self.input_size // p
-    x = x.reshape(x.shape[0], g, g, p, p, c)
-    return x.transpose(0, 1, 3, 2, 4, 5).reshape(x.shape[0], g * p, g * p, c)
-
-  def guided(self, x, t, y, routing=None, *, cfg_scale):
-    """Classifier-free guidance in one batch of conditional + null-label halves.
-
-    eps = eps_u + s * (eps_c - eps_u) on all input channels (DTR release);
-    the variance channels are taken from the conditional half as they are.
+    Attributes:
+      input_size: spatial size H = W of the input (pixels or latents).
+      in_channels: input channels; the output has twice as many with learn_sigma.
+      num_classes: number of labels (1 = unconditional); row num_classes is null.
+      class_dropout_prob: label dropout in training (classifier-free guidance).
+      dtype: compute dtype (e.g. bfloat16); parameters stay float32.
+      remat: rematerialise each block in the backward pass to save memory.
     """
-    null = jnp.full_like(y, self.num_classes)
-    out = self(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-               jnp.concatenate([y, null]), routing)
-    cond, uncond = jnp.split(out, 2, axis=0)
-    c = self.in_channels
-    eps = uncond[..., :c] + cfg_scale * (cond[..., :c] - uncond[..., :c])
-    return jnp.concatenate([eps, cond[..., c:]], axis=-1)
+
+    input_size: int = 32
+    in_channels: int = 4
+    patch_size: int = 2
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    class_dropout_prob: float = 0.1
+    learn_sigma: bool = True
+    dtype: Dtype = jnp.float32
+    remat: bool = False
+
+    @property
+    def out_channels(self) -> int:
+        return 2 * self.in_channels if self.learn_sigma else self.in_channels
+
+    @nn.compact
+    def __call__(self, x, t, y, routing=None, train: bool = False):
+        """Args: x (B,H,W,C); t (B,) int timesteps in [0, T); y (B,) int labels;
+        routing: None or a (G, T, hidden_size) 0/1 table (G = 1 or depth)."""
+        grid = self.input_size // self.patch_size
+        x = PatchEmbed(self.patch_size, self.hidden_size, self.dtype, name="x_embedder")(x)
+        pos = sincos_pos_embed(self.hidden_size, grid)
+        x = x + jnp.asarray(pos, self.dtype)[None]
+        x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+        c = TimestepEmbedder(self.hidden_size, dtype=self.dtype, name="t_embedder")(t)
+        c = c + LabelEmbedder(
+            self.num_classes,
+            self.hidden_size,
+            self.class_dropout_prob,
+            self.dtype,
+            name="y_embedder",
+        )(y, train)
+        masks = None if routing is None else self._gather_masks(routing, t)
+        block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
+        for i in range(self.depth):
+            mask = None if masks is None else masks[i % masks.shape[0]]
+            x = block_cls(
+                self.hidden_size, self.num_heads, self.mlp_ratio, self.dtype, name=f"blocks_{i}"
+            )(x, c, mask)
+            x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+        x = FinalLayer(self.patch_size, self.out_channels, self.dtype, name="final_layer")(x, c)
+        return self._unpatchify(x).astype(jnp.float32)
+
+    def _gather_masks(self, routing, t):
+        """(G, T, C) table -> (G, B, 1, C) masks in the compute dtype."""
+        if (
+            routing.ndim != 3
+            or routing.shape[0] not in (1, self.depth)
+            or routing.shape[2] != self.hidden_size
+        ):
+            raise ValueError(
+                f"routing table has shape {routing.shape}: expected "
+                f"(1 or depth={self.depth}, T, hidden_size={self.hidden_size})"
+            )
+        return jnp.asarray(routing)[:, t][:, :, None, :].astype(self.dtype)
+
+    def _unpatchify(self, x):
+        """(B, N, p*p*c) -> (B, H, W, c), patch channels ordered (p, q, c) as in PyTorch."""
+        p, c = self.patch_size, self.out_channels
+        g = self.input_size // p
+        x = x.reshape(x.shape[0], g, g, p, p, c)
+        return x.transpose(0, 1, 3, 2, 4, 5).reshape(x.shape[0], g * p, g * p, c)
+
+    def guided(self, x, t, y, routing=None, *, cfg_scale):
+        """Classifier-free guidance in one batch of conditional + null-label halves.
+
+        eps = eps_u + s * (eps_c - eps_u) on all input channels (DTR release);
+        the variance channels are taken from the conditional half as they are.
+        """
+        null = jnp.full_like(y, self.num_classes)
+        out = self(
+            jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([y, null]), routing
+        )
+        cond, uncond = jnp.split(out, 2, axis=0)
+        c = self.in_channels
+        eps = uncond[..., :c] + cfg_scale * (cond[..., :c] - uncond[..., :c])
+        return jnp.concatenate([eps, cond[..., c:]], axis=-1)

@@ -1,0 +1,516 @@
+"""Tests for dtr_jax.models (DiT with denoising task routing; SPEC §2-3).
+
+The core check is against a small PyTorch DiT written here from SPEC §2-3
+(timm-style attention, adaLN-Zero blocks, the PyTorch release's module names),
+loaded with the same RANDOM non-zero weights as the Flax model.
+`torch_to_flax` is the PyTorch -> Flax name mapping a checkpoint importer uses.
+"""
+
+import math
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn as tnn
+
+from dtr_jax.models import MODEL_NAMES, SIZES, create_dit
+from dtr_jax.models.dit import DiT, DiTBlock
+from dtr_jax.routing import model_tables, routing_table
+
+torch.set_default_dtype(torch.float32)
+
+T = 1000
+# A small DiT: 16x16x4 input, patch 2 -> 64 tokens, hidden 64, 4 heads, 3 blocks.
+CFG = dict(
+    input_size=16, in_channels=4, patch_size=2, hidden_size=64, depth=3, num_heads=4, num_classes=10
+)
+B = 4
+ERRORS = {}  # max abs errors achieved, printed at the end (pytest -s)
+
+
+def small_dit(**kw):
+    arch = {k: CFG[k] for k in ("depth", "hidden_size", "num_heads", "patch_size")}
+    rest = {k: CFG[k] for k in ("input_size", "in_channels", "num_classes")}
+    return create_dit("DiT-S/2", **{**arch, **rest, "learn_sigma": True, **kw})
+
+
+def check_close(name, got, want, tol=1e-5):
+    """max |got - want| <= tol * max(1, max |want|); records the error achieved."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    err, scale = float(np.max(np.abs(got - want))), float(np.max(np.abs(want)))
+    ERRORS[name] = (err, scale)
+    assert err <= tol * max(1.0, scale), f"{name}: max abs err {err:.3g} (output scale {scale:.3g})"
+    return err
+
+
+# ============================================================ PyTorch reference (SPEC §2-3)
+
+
+def mae_pos_embed(dim, grid_size):
+    """2-D sin-cos position embedding as in MAE's get_2d_sincos_pos_embed (numpy)."""
+    grid = np.meshgrid(
+        np.arange(grid_size, dtype=np.float32), np.arange(grid_size, dtype=np.float32)
+    )  # w goes first (MAE)
+
+    def one_d(d, pos):
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    return np.concatenate([one_d(dim // 2, grid[0]), one_d(dim // 2, grid[1])], axis=1)
+
+
+def t_modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def t_layer_norm(dim):
+    return tnn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+
+
+def holder(**children):
+    """A bare nn.Module holding named children, to reproduce the release's names."""
+    m = tnn.Module()
+    for name, child in children.items():
+        setattr(m, name, child)
+    return m
+
+
+class TAttention(tnn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = tnn.Linear(dim, 3 * dim, bias=True)
+        self.proj = tnn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        attn = ((q @ k.transpose(-2, -1)) * (d // self.heads) ** -0.5).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, d))
+
+
+class TBlock(tnn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.norm1, self.norm2 = t_layer_norm(dim), t_layer_norm(dim)
+        self.attn = TAttention(dim, heads)
+        self.mlp = holder(
+            fc1=tnn.Linear(dim, 4 * dim),
+            act=tnn.GELU(approximate="tanh"),
+            fc2=tnn.Linear(4 * dim, dim),
+        )
+        self.adaLN_modulation = tnn.Sequential(tnn.SiLU(), tnn.Linear(dim, 6 * dim))
+
+    def forward(self, x, c, m=None):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(
+            c
+        ).chunk(6, dim=1)
+        mlp = lambda z: self.mlp.fc2(self.mlp.act(self.mlp.fc1(z)))  # noqa: E731
+        h = x if m is None else x * m
+        h = h + gate_msa.unsqueeze(1) * self.attn(t_modulate(self.norm1(h), shift_msa, scale_msa))
+        h = h + gate_mlp.unsqueeze(1) * mlp(t_modulate(self.norm2(h), shift_mlp, scale_mlp))
+        return h if m is None else h + x * (1 - m)
+
+
+class TDiT(tnn.Module):
+    """NCHW DiT with per-block routing tables (G, T, C) gathered by the per-sample t."""
+
+    def __init__(
+        self, input_size, in_channels, patch_size, hidden_size, depth, num_heads, num_classes
+    ):
+        super().__init__()
+        d, p = hidden_size, patch_size
+        self.p, self.out_channels = p, 2 * in_channels
+        self.x_embedder = holder(proj=tnn.Conv2d(in_channels, d, p, stride=p))
+        self.t_embedder = holder(
+            mlp=tnn.Sequential(tnn.Linear(256, d), tnn.SiLU(), tnn.Linear(d, d))
+        )
+        self.y_embedder = holder(embedding_table=tnn.Embedding(num_classes + 1, d))
+        pos = torch.from_numpy(mae_pos_embed(d, input_size // p)).float()[None]
+        self.pos_embed = tnn.Parameter(pos, requires_grad=False)  # as in the release
+        self.blocks = tnn.ModuleList([TBlock(d, num_heads) for _ in range(depth)])
+        self.final_layer = holder(
+            norm_final=t_layer_norm(d),
+            linear=tnn.Linear(d, p * p * self.out_channels),
+            adaLN_modulation=tnn.Sequential(tnn.SiLU(), tnn.Linear(d, 2 * d)),
+        )
+
+    @staticmethod
+    def timestep_embedding(t, dim=256, max_period=10000):
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+        args = t[:, None].float() * freqs[None]
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+    def forward(self, x, t, y, tables=None):
+        x = self.x_embedder.proj(x).flatten(2).transpose(1, 2) + self.pos_embed
+        c = self.t_embedder.mlp(self.timestep_embedding(t)) + self.y_embedder.embedding_table(y)
+        for i, block in enumerate(self.blocks):
+            m = None if tables is None else tables[i % len(tables)][t].unsqueeze(1).float()
+            x = block(x, c, m)
+        fl = self.final_layer
+        shift, scale = fl.adaLN_modulation(c).chunk(2, dim=1)
+        x = fl.linear(t_modulate(fl.norm_final(x), shift, scale))
+        g, p, oc = int(x.shape[1] ** 0.5), self.p, self.out_channels
+        x = torch.einsum("nhwpqc->nchpwq", x.reshape(x.shape[0], g, g, p, p, oc))
+        return x.reshape(x.shape[0], oc, g * p, g * p)
+
+
+def torch_to_flax(state_dict):
+    """PyTorch DiT state dict -> Flax params tree (the checkpoint name mapping).
+
+    Names: a numeric part is joined to its parent with '_' and '.' becomes a tree
+    level: 'blocks.3.attn.qkv.weight' -> blocks_3/attn/qkv/kernel,
+    't_embedder.mlp.0.bias' -> t_embedder/mlp_0/bias,
+    'blocks.0.adaLN_modulation.1.weight' -> blocks_0/adaLN_modulation_1/kernel.
+    Leaves: Linear weight (out, in) -> kernel (in, out); Conv2d weight (O, I, kh, kw)
+    -> kernel HWIO (kh, kw, I, O); Embedding weight -> embedding; bias -> bias.
+    'pos_embed' is skipped: the Flax model recomputes the fixed sin-cos table.
+    LayerNorms have no parameters (no affine).
+    """
+    params = {}
+    for name, w in state_dict.items():
+        if name == "pos_embed":
+            continue
+        w = w.detach().cpu().numpy()
+        *parents, leaf = name.split(".")
+        path = []
+        for part in parents:
+            if part.isdigit():
+                path[-1] += f"_{part}"
+            else:
+                path.append(part)
+        if leaf == "weight":
+            if path[-1] == "embedding_table":
+                leaf = "embedding"
+            elif w.ndim == 4:
+                leaf, w = "kernel", w.transpose(2, 3, 1, 0)
+            else:
+                leaf, w = "kernel", w.T
+        node = params
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = jnp.asarray(w)
+    return params
+
+
+# ============================================================ fixtures
+
+
+@pytest.fixture(scope="module")
+def ref():
+    """(torch model, Flax params) holding the same random non-zero weights."""
+    assert not jax.config.jax_enable_x64
+    torch.manual_seed(0)
+    tmodel = TDiT(**CFG).eval()
+    with torch.no_grad():
+        for name, w in tmodel.named_parameters():
+            if name != "pos_embed":  # weights ~ 1/sqrt(fan_in), biases/tables ~ 0.1-0.125
+                std = w[0].numel() ** -0.5 if w.ndim > 1 else 0.1
+                w.copy_(torch.randn_like(w) * std)
+                assert torch.all(w != 0), name
+    params = torch_to_flax(tmodel.state_dict())
+
+    # The mapping covers exactly the Flax tree, with the same shapes.
+    real = nn.unbox(small_dit().init(jax.random.key(0), *inputs(jax_layout=True)[:3])["params"])
+    assert jax.tree.structure(params) == jax.tree.structure(real)
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, real)
+    return tmodel, params
+
+
+def inputs(jax_layout, batch=B, seed=1):
+    """x (NHWC for Flax, NCHW for torch), distinct t in [0, T), labels incl. the null one."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(
+        (batch, CFG["in_channels"], CFG["input_size"], CFG["input_size"]), dtype=np.float32
+    )
+    t = np.array([0, 999, 500, 250, 37, 871][:batch])
+    y = np.array([3, 0, CFG["num_classes"], 7, 1, 9][:batch])
+    if jax_layout:
+        return jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(t), jnp.asarray(y), x
+    return torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y), x
+
+
+def fwd(params, x, t, y, routing=None, model=None, **kw):
+    model = model or small_dit()
+    return model.apply({"params": params}, x, t, y, routing, **kw)
+
+
+def nchw(out):
+    return np.asarray(out).transpose(0, 3, 1, 2)
+
+
+# ============================================================ 1. against the PyTorch reference
+
+
+def test_pos_embed_matches_mae():
+    from dtr_jax.models.dit import sincos_pos_embed
+
+    np.testing.assert_allclose(sincos_pos_embed(64, 8), mae_pos_embed(64, 8), atol=1e-12)
+
+
+def test_block_matches_torch(ref):
+    tmodel, params = ref
+    rng = np.random.default_rng(2)
+    d = CFG["hidden_size"]
+    x = rng.standard_normal((B, 64, d), dtype=np.float32)
+    c = rng.standard_normal((B, d), dtype=np.float32)
+    m = (rng.random((B, 1, d)) < 0.7).astype(np.float32)  # a random DTR mask per sample
+    block = DiTBlock(d, CFG["num_heads"])
+    for name, mask in (("block_masked", m), ("block_plain", None)):
+        got = block.apply(
+            {"params": params["blocks_0"]},
+            jnp.asarray(x),
+            jnp.asarray(c),
+            None if mask is None else jnp.asarray(mask),
+        )
+        with torch.no_grad():
+            want = tmodel.blocks[0](
+                torch.from_numpy(x),
+                torch.from_numpy(c),
+                None if mask is None else torch.from_numpy(mask),
+            ).numpy()
+        check_close(name, got, want)
+
+
+@pytest.mark.parametrize("kind", ["dtr", "random", "none"])
+def test_forward_matches_torch(ref, kind):
+    tmodel, params = ref
+    tables = model_tables(kind, T, CFG["hidden_size"], CFG["depth"], seed=5)
+    assert (tables is None) == (kind == "none")
+    if kind == "random":
+        assert tables.shape == (CFG["depth"], T, CFG["hidden_size"])
+    xj, tj, yj, _ = inputs(jax_layout=True)
+    xt, tt, yt, _ = inputs(jax_layout=False)
+    got = fwd(params, xj, tj, yj, tables)
+    assert got.shape == (B, 16, 16, 8) and got.dtype == jnp.float32
+    with torch.no_grad():
+        want = tmodel(xt, tt, yt, None if tables is None else torch.from_numpy(tables)).numpy()
+    check_close(f"forward_{kind}", nchw(got), want)
+    if kind != "none":  # the routing is not vacuous
+        assert np.max(np.abs(np.asarray(got - fwd(params, xj, tj, yj)))) > 1e-2
+
+
+# ============================================================ 2. DTR block = x + Block(x * m)
+
+
+def test_dtr_block_is_residual_of_masked_input(ref):
+    _, params = ref
+    rng = np.random.default_rng(3)
+    d = CFG["hidden_size"]
+    x = jnp.asarray(rng.standard_normal((B, 64, d), dtype=np.float32))
+    c = jnp.asarray(rng.standard_normal((B, d), dtype=np.float32))
+    m = jnp.asarray((rng.random((B, 1, d)) < 0.7).astype(np.float32))
+    block = lambda z, mask=None: DiTBlock(d, CFG["num_heads"]).apply(  # noqa: E731
+        {"params": params["blocks_1"]}, z, c, mask
+    )
+    residual_branch = lambda z: block(z) - z  # Block(z) of SPEC §2  # noqa: E731
+    check_close("dtr_block_identity", block(x, m), x + residual_branch(x * m))
+    assert np.max(np.abs(np.asarray(block(x, m) - block(x)))) > 1e-2  # the mask matters
+    # all-ones mask ('none' table row): exactly the plain DiT block
+    np.testing.assert_array_equal(block(x, jnp.ones((B, 1, d))), block(x))
+
+
+def test_none_table_is_plain_dit_exactly(ref):
+    _, params = ref
+    xj, tj, yj, _ = inputs(jax_layout=True)
+    ones = routing_table("none", T, CFG["hidden_size"])[None]
+    np.testing.assert_array_equal(fwd(params, xj, tj, yj, ones), fwd(params, xj, tj, yj))
+
+
+# ============================================================ 3. sizes
+
+
+# Exact counts at 32x32x4 latents, 1000 classes, learn_sigma (no pos_embed; the
+# release also counts its frozen pos_embed, +256*D: S/2 32,963,360, XL/2 675,129,632):
+#   DiT-S/2 32,865,056  DiT-B/2 130,315,808  DiT-L/2 457,840,672  DiT-XL/2 674,834,720
+PARAM_COUNTS = {
+    "DiT-S/2": 32_865_056,
+    "DiT-B/2": 130_315_808,
+    "DiT-L/2": 457_840_672,
+    "DiT-XL/2": 674_834_720,
+}
+PAPER_COUNTS = {"DiT-S/2": 33e6, "DiT-B/2": 130e6, "DiT-L/2": 458e6, "DiT-XL/2": 675e6}
+
+
+def abstract_params(name, **kw):
+    model = create_dit(name, input_size=32, in_channels=4, num_classes=1000, learn_sigma=True, **kw)
+    zi = jnp.zeros((1,), jnp.int32)
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 4)), zi, zi)
+    )
+    return model, nn.unbox(shapes["params"])
+
+
+def count(params):
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_COUNTS))
+def test_param_counts(name):
+    n = count(abstract_params(name)[1])
+    assert n == PARAM_COUNTS[name]
+    assert abs(n - PAPER_COUNTS[name]) < 0.5e6, (name, n)
+
+
+def test_all_model_names_build():
+    documented = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+    assert SIZES == documented
+    assert sorted(MODEL_NAMES) == sorted(f"DiT-{s}/{p}" for s in documented for p in (2, 4, 8))
+    for name in MODEL_NAMES:
+        size, patch = name[4:].split("/")
+        depth, hidden, heads = documented[size]
+        p = int(patch)
+        model, params = abstract_params(name)
+        assert (model.depth, model.hidden_size, model.num_heads, model.patch_size) == (
+            depth,
+            hidden,
+            heads,
+            p,
+        )
+        assert sorted(k for k in params if k.startswith("blocks_")) == sorted(
+            f"blocks_{i}" for i in range(depth)
+        )
+        assert params["x_embedder"]["proj"]["kernel"].shape == (p, p, 4, hidden)
+        assert params["blocks_0"]["attn"]["qkv"]["kernel"].shape == (hidden, 3 * hidden)
+        assert params["blocks_0"]["mlp"]["fc1"]["kernel"].shape == (hidden, 4 * hidden)
+        assert params["final_layer"]["linear"]["kernel"].shape == (hidden, p * p * 8)
+        assert params["y_embedder"]["embedding_table"]["embedding"].shape == (1001, hidden)
+
+
+# ============================================================ 4. real init
+
+
+def test_zero_init_outputs_zeros_and_tables_are_not_params():
+    model = small_dit()
+    xj, tj, yj, _ = inputs(jax_layout=True)
+    table = model_tables("random", T, CFG["hidden_size"], CFG["depth"])
+    with_r = model.init(jax.random.key(0), xj, tj, yj, table)
+    without = model.init(jax.random.key(0), xj, tj, yj)
+    out = model.apply(with_r, xj, tj, yj, table)
+    assert out.shape == (B, 16, 16, 8)
+    np.testing.assert_array_equal(out, np.zeros(out.shape, np.float32))
+    assert set(with_r) == {"params"}  # no extra collection holds the tables
+    p_r, p_0 = nn.unbox(with_r["params"]), nn.unbox(without["params"])
+    assert jax.tree.structure(p_r) == jax.tree.structure(p_0)
+    assert jax.tree.map(jnp.shape, p_r) == jax.tree.map(jnp.shape, p_0)
+    assert not any(T in leaf.shape for leaf in jax.tree.leaves(p_r))
+    # the zero-initialised layers are the adaLN ones and the final linear, nothing else
+    for path, leaf in jax.tree_util.tree_leaves_with_path(p_r):
+        key = jax.tree_util.keystr(path)
+        zero_init = (
+            "adaLN_modulation_1" in key
+            or "final_layer']['linear" in key
+            or key.endswith("['bias']")
+        )
+        assert bool(jnp.all(leaf == 0)) == zero_init, key
+
+
+# ============================================================ 5. per-sample gather
+
+
+def test_mask_gathered_by_per_sample_timestep(ref):
+    _, params = ref
+    xj, _, yj, _ = inputs(jax_layout=True, batch=2)
+    t = jnp.array([0, 999])
+    table = model_tables("dtr", T, CFG["hidden_size"], CFG["depth"])
+    assert not np.array_equal(table[0, 0], table[0, 999])
+    batched = fwd(params, xj, t, yj, table)
+    for i in range(2):
+        single = fwd(params, xj[i : i + 1], t[i : i + 1], yj[i : i + 1], table)
+        check_close(f"per_sample_{i}", batched[i : i + 1], single)
+        # a table whose every row is row t_i gives the same output; row t_j does not
+        for j in range(2):
+            pinned = np.repeat(table[:, int(t[j])][:, None], T, axis=1)
+            out = fwd(params, xj[i : i + 1], t[i : i + 1], yj[i : i + 1], pinned)
+            diff = float(np.max(np.abs(np.asarray(out - single))))
+            assert (diff == 0.0) if i == j else (diff > 1e-2), (i, j, diff)
+
+
+# ============================================================ 6. classifier-free guidance
+
+
+def test_guided(ref):
+    _, params = ref
+    model = small_dit()
+    xj, tj, yj, _ = inputs(jax_layout=True)
+    yj = jnp.array([3, 0, 5, 7])
+    table = model_tables("dtr", T, CFG["hidden_size"], CFG["depth"])
+    guided = lambda s: model.apply(
+        {"params": params}, xj, tj, yj, table, cfg_scale=s, method=DiT.guided  # noqa: E731
+    )
+    cond = fwd(params, xj, tj, yj, table)
+    uncond = fwd(params, xj, tj, jnp.full_like(yj, CFG["num_classes"]), table)
+    assert np.max(np.abs(np.asarray(cond - uncond))) > 1e-2  # labels matter
+    check_close("guided_s1", guided(1.0), cond)
+    c, s = CFG["in_channels"], 4.0
+    want = jnp.concatenate(
+        [uncond[..., :c] + s * (cond[..., :c] - uncond[..., :c]), cond[..., c:]], axis=-1
+    )
+    check_close("guided_s4", guided(s), want)
+
+
+# ============================================================ 7. bfloat16 compute
+
+
+def test_bf16_compute(ref):
+    _, params = ref
+    xj, tj, yj, _ = inputs(jax_layout=True)
+    model = small_dit(dtype="bfloat16")
+    init = nn.unbox(model.init(jax.random.key(0), xj, tj, yj)["params"])
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(init))
+    table = model_tables("dtr", T, CFG["hidden_size"], CFG["depth"])
+    out = fwd(params, xj, tj, yj, table, model=model)
+    assert out.dtype == jnp.float32
+    check_close("bf16_vs_fp32", out, fwd(params, xj, tj, yj, table), tol=5e-2)
+
+
+# ============================================================ 8. label dropout
+
+
+def test_label_dropout(ref):
+    _, params = ref
+    model = small_dit(class_dropout_prob=1.0)
+    xj, tj, _, _ = inputs(jax_layout=True)
+    yj = jnp.array([3, 0, 5, 7])
+    null = jnp.full_like(yj, CFG["num_classes"])
+    dropped = fwd(params, xj, tj, yj, model=model, train=True, rngs={"dropout": jax.random.key(1)})
+    np.testing.assert_array_equal(dropped, fwd(params, xj, tj, null, model=model))
+    kept = fwd(params, xj, tj, yj, model=model)  # train=False: no dropout
+    assert np.max(np.abs(np.asarray(kept - dropped))) > 1e-2
+    with pytest.raises(flax.errors.InvalidRngError):
+        fwd(params, xj, tj, yj, model=model, train=True)
+
+
+# ============================================================ 9. errors
+
+
+def test_invalid_routing_shape_raises(ref):
+    _, params = ref
+    xj, tj, yj, _ = inputs(jax_layout=True)
+    d = CFG["hidden_size"]
+    for bad in (
+        np.ones((2, T, d), np.uint8),
+        np.ones((1, T, d + 1), np.uint8),
+        np.ones((T, d), np.uint8),
+    ):
+        with pytest.raises(ValueError, match=r"expected \(1 or depth=3, T, hidden_size=64\)"):
+            fwd(params, xj, tj, yj, bad)
+
+
+@pytest.mark.parametrize("name", ["DiT-XXL/2", "DiT-S/16", "dit-s/2"])
+def test_unknown_model_name_raises(name):
+    with pytest.raises(ValueError, match="model.name"):
+        create_dit(name)
+
+
+def test_report_errors():
+    """Prints the max abs errors achieved by the tests above (run with -s)."""
+    for name, (err, scale) in sorted(ERRORS.items()):
+        print(f"  {name:24s} max abs err {err:.3e}  (output scale {scale:.3g})")
