@@ -13,12 +13,30 @@ import os
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from dtr_jax.config import ConfigError
 
 
-def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
+def is_remote(path: str) -> bool:
+    """gs://, s3:// and the like: handled by etils.epath, orbax and TensorFlow."""
+    return "://" in str(path)
+
+
+def workdir_path(workdir: str) -> epath.Path:
+    return epath.Path(workdir if is_remote(workdir) else os.path.abspath(workdir))
+
+
+def checkpoint_dir(workdir: str) -> epath.Path:
+    return workdir_path(workdir) / "checkpoints"
+
+
+def write_atomically(path: str, data: bytes) -> None:
+    """Writes via a temporary file and a rename: an existing file is never left half written."""
+    path = epath.Path(path)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp.write_bytes(data)
+    tmp.replace(path)
 
 
 class Checkpoints:
@@ -58,6 +76,15 @@ class Checkpoints:
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
         return self._manager.restore(step, args=args).state
 
+    def restore_params(self, target, which: str = "ema_params", step: int | None = None):
+        """Only `which` ('ema_params' or 'params') of the saved state, laid out as `target`
+        (ShapeDtypeStructs with shardings); the optimizer state is never read."""
+        step = self.latest_step() if step is None else step
+        item = {which: target}
+        restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), item)
+        args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+        return self._manager.restore(step, args=ocp.args.Composite(state=args)).state[which]
+
     def meta(self, step: int | None = None) -> dict | None:
         step = self.latest_step() if step is None else step
         if step is None:
@@ -82,26 +109,30 @@ def check_workdir(workdir: str, signature: dict) -> None:
 
     Reads only; writes nothing, so a refused workdir is left exactly as it was.
     """
-    path = os.path.abspath(workdir)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ConfigError([f"--workdir={workdir} is a file, not a directory"])
-    existing = path
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise ConfigError([f"--workdir={workdir} cannot be created: {existing} is a file"])
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError([f"--workdir={workdir} is not writable ({existing} refuses writes)"])
-    if not os.path.isdir(checkpoint_dir(path)):
-        return
-    ckpt = Checkpoints(path, read_only=True)
+    if not is_remote(workdir):
+        _check_local_writable(workdir)
+    if checkpoint_dir(workdir).is_dir():
+        _check_signature(workdir, signature)
+
+
+def require_checkpoint(workdir: str, signature: dict) -> int:
+    """The latest step of WORKDIR's checkpoints, which must be of this model."""
+    step = None
+    if checkpoint_dir(workdir).is_dir():
+        step = _check_signature(workdir, signature)
+    if step is None:
+        raise ConfigError([f"--workdir={workdir} holds no checkpoint: train first (--mode train)"])
+    return step
+
+
+def _check_signature(workdir: str, signature: dict) -> int | None:
+    """Latest step (None if none), after checking its model signature against ours."""
+    ckpt = Checkpoints(workdir, read_only=True)
     try:
-        meta = ckpt.meta()
+        step, meta = ckpt.latest_step(), ckpt.meta()
     finally:
         ckpt.close()
-    if meta is None:
-        return
-    theirs = meta.get("signature", {})
+    theirs = (meta or {}).get("signature", signature)
     diffs = sorted(k for k in set(theirs) | set(signature) if theirs.get(k) != signature.get(k))
     if diffs:
         detail = ", ".join(
@@ -113,6 +144,20 @@ def check_workdir(workdir: str, signature: dict) -> None:
                 f"({detail}); use a new workdir or the matching config"
             ]
         )
+    return step
+
+
+def _check_local_writable(workdir: str) -> None:
+    path = os.path.abspath(workdir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError([f"--workdir={workdir} is a file, not a directory"])
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError([f"--workdir={workdir} cannot be created: {existing} is a file"])
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError([f"--workdir={workdir} is not writable ({existing} refuses writes)"])
 
 
 def restore_target(abstract_state, shardings):

@@ -106,6 +106,18 @@ def default_config() -> ml_collections.ConfigDict:
     c.sample.labels = ""  # '' = uniform random; or '0,1,2'
     c.sample.seed = 0
     c.sample.grid_per_class = 8  # columns of the per-class PNG grid
+    c.sample.decoder = ""  # '' = the model makes pixels; 'latents' = save raw latents; or a VAE
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.samples = ""  # .npz (arr_0 uint8 NHWC) to evaluate; '' = sample from the checkpoint
+    c.eval.reference = ""  # reference .npz: images (arr_0) or statistics (mu, sigma)
+    c.eval.inception_weights = ""  # pytorch-fid pt_inception-2015-12-05-6726825d.pth (or .npz)
+    c.eval.num_samples = 1000  # fresh samples for --mode evaluate and in-loop evaluation
+    c.eval.batch_size = 200  # images per feature-extraction batch
+
+    c.export = ml_collections.ConfigDict()
+    c.export.use_ema = True
+    c.export.dir = ""  # '' = WORKDIR/export
     return c
 
 
@@ -226,7 +238,6 @@ def _check_training(c, num_devices, problems):
         global_batch_size=c.global_batch_size,
         num_timesteps=c.diffusion.num_timesteps,
     )
-    _check_mesh(c.mesh, num_devices, problems)
     shards = data_shards(c.mesh, num_devices)
     if shards and isinstance(c.global_batch_size, int) and c.global_batch_size % shards:
         problems.append(
@@ -294,15 +305,22 @@ def parse_labels(text: str) -> list[int]:
 
 
 def validate(config, num_devices: int, mode: str = "train") -> None:
-    """Raises ConfigError listing every invalid field; returns None if all is well."""
+    """Raises ConfigError listing every invalid field; returns None if all is well.
+
+    `mode` is the --mode: training checks more (optimizer, data, weighting, ...).
+    """
     from dtr_jax.data import validate_data  # local: avoid an import cycle
+    from dtr_jax.evaluate import validate_eval
 
     problems: list[str] = []
     _check_model(config, problems)
     _check_sampling(config, problems)
+    _check_mesh(config.mesh, num_devices, problems)
     if mode == "train":
         _check_training(config, num_devices, problems)
         problems += validate_data(config)
+        if config.eval_every_steps:
+            problems += validate_eval(config)
     if problems:
         raise ConfigError(problems)
 

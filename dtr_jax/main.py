@@ -12,6 +12,9 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+# TensorFlow (imported by clu and tfds) logs INFO lines at import; keep warnings and errors.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
 MODES = ("train", "sample", "evaluate", "export")
 
 FLAGS = flags.FLAGS
@@ -29,7 +32,7 @@ def _multi_process() -> bool:
         env.get("JAX_COORDINATOR_ADDRESS")
         or "," in tpu_hosts
         or int(env.get("SLURM_NTASKS", "1")) > 1
-        or int(env.get("DTR_NUM_PROCESSES", "1")) > 1
+        or env.get("DTR_MULTIHOST") == "1"
     )
 
 

@@ -1,12 +1,18 @@
-"""What each --mode does, as plain functions of (config, workdir)."""
+"""What each --mode does: a function of (config, workdir)."""
 
 from __future__ import annotations
 
-from dtr_jax import train
 
-
-def run(mode: str, config, workdir: str) -> None:
-    runners = {"train": train.train_and_evaluate}
-    if mode not in runners:
-        raise NotImplementedError(f"--mode={mode} is not available yet")
-    runners[mode](config, workdir)
+def run(mode: str, config, workdir: str):
+    # Imported lazily: each mode pulls in only what it needs.
+    if mode == "train":
+        from dtr_jax.train import train_and_evaluate as fn
+    elif mode == "sample":
+        from dtr_jax.sample import sample_mode as fn
+    elif mode == "evaluate":
+        from dtr_jax.evaluate import evaluate_mode as fn
+    elif mode == "export":
+        from dtr_jax.export import export_mode as fn
+    else:
+        raise ValueError(f"--mode={mode!r} is unknown: allowed train, sample, evaluate, export")
+    return fn(config, workdir)

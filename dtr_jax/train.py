@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import signal
 import time
 from typing import Any
@@ -24,7 +23,7 @@ import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from dtr_jax import checkpoint, config as config_lib, sample, sharding, weighting
+from dtr_jax import checkpoint, config as config_lib, evaluate, sample, sharding, weighting
 from dtr_jax.data import device_batches, get_source
 from dtr_jax.diffusion import GaussianDiffusion
 from dtr_jax.models import from_config
@@ -121,6 +120,23 @@ def create_state(task: Task, mesh, shardings) -> TrainState:
     init = jax.jit(lambda rng: nn.unbox(init_state(task, rng)), out_shardings=shardings)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
         return init(jax.random.key(task.config.seed))
+
+
+def restore_params(config, workdir: str, mesh, use_ema: bool = True):
+    """(task, params, step) from WORKDIR's latest checkpoint, params sharded on `mesh`.
+
+    Reads only the EMA (or raw) params, never the optimizer state.
+    """
+    step = checkpoint.require_checkpoint(workdir, config_lib.model_signature(config))
+    task = make_task(config)
+    abstract, shardings = state_layout(task, mesh)
+    target = checkpoint.restore_target(abstract.params, shardings.params)
+    ckpt = checkpoint.Checkpoints(workdir, read_only=True)
+    try:
+        params = ckpt.restore_params(target, "ema_params" if use_ema else "params", step)
+    finally:
+        ckpt.close()
+    return task, params, step
 
 
 def train_step(task: Task, state: TrainState, batch: dict, tables) -> tuple[TrainState, dict]:
@@ -223,18 +239,25 @@ def summarize(metrics: list[dict], boundaries) -> dict:
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag the loop checks (a save, then a clean exit)."""
+    """Turns SIGTERM into a flag the loop checks (a save, then a clean exit).
+
+    Single process only: with several, JAX's preemption service catches the
+    signal and `reached_preemption` makes every host stop at the same step.
+    """
 
     def __init__(self):
         self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._previous = None
+        if jax.process_count() == 1:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         logging.warning("SIGTERM received: saving a checkpoint and stopping.")
         self.requested = True
 
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> TrainState:
@@ -275,15 +298,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
 
 def _final_outputs(task: Task, state: TrainState, mesh, workdir: str) -> None:
     """The trained EMA params (msgpack) and a PNG grid of samples, one row per class."""
-    params_path = os.path.join(workdir, "ema_params.msgpack")
+    out = checkpoint.workdir_path(workdir)
+    params_path = str(out / "ema_params.msgpack")
     save_params(sample.host_gather(state.ema_params), params_path)
-    tables = None if task.tables is None else jax.device_put(task.tables, sharding.replicated(mesh))
+    logging.info("Wrote %s", params_path)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-        image = sample.class_grid(task, state.ema_params, tables, mesh)
-    if jax.process_index() == 0:
-        png = os.path.join(workdir, "samples.png")
+        image = _sample_grid(task, sample.Sampler(task, mesh, state.ema_params), state.ema_params)
+    if image is not None and jax.process_index() == 0:
+        png = str(out / "samples.png")
         sample.save_png(png, image, scale=max(1, 128 // task.model.input_size))
-        logging.info("Wrote %s and %s", png, params_path)
+        logging.info("Wrote %s", png)
+
+
+def _sample_grid(task: Task, sampler, params):
+    """A uint8 grid (a row per class) if the config's decoder gives pixels, else None."""
+    s = task.config.sample
+    if sample.DECODERS.get(s.decoder) is not sample.decode_pixels:
+        logging.info("No sample grid: sample.decoder=%r does not give pixels.", s.decoder)
+        return None
+    return sample.class_grid(sampler, params, task.model.num_classes, s.grid_per_class, s.seed)
 
 
 def _loop(task, mesh, shardings, state, start, ckpt, writer, workdir):
@@ -307,6 +340,8 @@ def _loop(task, mesh, shardings, state, start, ckpt, writer, workdir):
             )
         )
     preemption = _Preemption()
+    sampler = None  # built on first use, then reused: one compilation
+    evaluator = evaluate.InLoopEvaluator(cfg) if cfg.eval_every_steps else None
     pending, tick, tick_step = [], time.perf_counter(), start
     try:
         with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
@@ -317,7 +352,11 @@ def _loop(task, mesh, shardings, state, start, ckpt, writer, workdir):
                 for hook in hooks:
                     hook(step)
                 last = step == cfg.num_train_steps
-                if step % cfg.log_every_steps == 0 or last:
+
+                def due(every: int) -> bool:
+                    return bool(every) and (step % every == 0 or last)
+
+                if due(cfg.log_every_steps):
                     summary = summarize(pending, task.boundaries)
                     _check_finite(summary, step, ckpt)
                     now = time.perf_counter()
@@ -325,9 +364,14 @@ def _loop(task, mesh, shardings, state, start, ckpt, writer, workdir):
                     summary["images_per_sec"] = summary["steps_per_sec"] * cfg.global_batch_size
                     writer.write_scalars(step, summary)
                     pending, tick, tick_step = [], now, step
-                if cfg.sample_every_steps and (step % cfg.sample_every_steps == 0 or last):
-                    grid = sample.class_grid(task, state.ema_params, tables, mesh)
-                    writer.write_images(step, {"samples": grid[None]})
+                if due(cfg.sample_every_steps) or due(cfg.eval_every_steps):
+                    sampler = sampler or sample.Sampler(task, mesh, state.ema_params)
+                if due(cfg.sample_every_steps):
+                    grid = _sample_grid(task, sampler, state.ema_params)
+                    if grid is not None:
+                        writer.write_images(step, {"samples": grid[None]})
+                if due(cfg.eval_every_steps):
+                    writer.write_scalars(step, evaluator(sampler, state.ema_params))
                 stop = preemption.requested or (
                     jax.process_count() > 1 and ckpt.reached_preemption(step)
                 )
@@ -366,10 +410,6 @@ def _flat(config) -> dict:
 
 
 def save_params(params, path: str) -> None:
-    """Writes params as msgpack atomically (a crash never leaves a half file)."""
-    if jax.process_index() != 0:
-        return
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(flax.serialization.to_bytes(jax.device_get(params)))
-    os.replace(tmp, path)
+    """Writes params as msgpack (process 0), atomically: a crash never leaves half a file."""
+    if jax.process_index() == 0:
+        checkpoint.write_atomically(path, flax.serialization.to_bytes(jax.device_get(params)))

@@ -1,0 +1,41 @@
+"""Shared test helpers: tiny configs that compile and run in seconds."""
+
+import pathlib
+
+from dtr_jax.config import load_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DIGITS = str(ROOT / "configs" / "digits.py")
+
+
+def tiny(**overrides):
+    """The digits default shrunk to compile and run in seconds."""
+    base = {
+        "num_train_steps": 4,
+        "global_batch_size": 16,
+        "log_every_steps": 1,
+        "checkpoint_every_steps": 100,
+        "sample_every_steps": 0,
+        "model.depth": 1,
+        "model.hidden_size": 32,
+        "model.num_heads": 2,
+        "optimizer.warmup_steps": 0,
+        "mesh.data": -1,
+        "mesh.fsdp": 1,
+        "sample.num_steps": 4,
+        "sample.grid_per_class": 1,
+    }
+    return load_config(DIGITS, **(base | overrides))
+
+
+def read_scalars(workdir, tag):
+    """{step: value} of one scalar from the run's TensorBoard event files."""
+    import tensorflow as tf
+
+    values = {}
+    for path in sorted(pathlib.Path(workdir).glob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for v in event.summary.value:
+                if v.tag == tag:
+                    values[event.step] = float(tf.make_ndarray(v.tensor))
+    return values
