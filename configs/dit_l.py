@@ -29,4 +29,5 @@ def get_config():
     c.data.flip = True
     c.sample.num_steps = 250
     c.sample.cfg_scale = 1.5
+    c.sample.decoder = "sd_vae"  # registered by the VAE (ROADMAP 3); 'latents' saves raw latents
     return c

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -144,10 +145,19 @@ def test_validation_reports_every_problem_at_once():
     assert len(err.value.problems) == 3
 
 
-@pytest.mark.parametrize("name", ["dit_s", "dit_b", "dit_l", "dit_xl"])
-def test_paper_configs_run_two_synthetic_steps(name, tmp_path):
+@pytest.mark.parametrize(
+    "name, extra",
+    [
+        ("dit_s", {}),
+        ("dit_b", {"model.dtype": "bfloat16"}),
+        ("dit_l", {"model.remat": True}),
+        ("dit_xl", {}),
+    ],
+)
+def test_paper_configs_run_two_synthetic_steps(name, extra, tmp_path):
     config = load_config(
         str(ROOT / "configs" / f"{name}.py"),
+        **extra,
         **{
             "num_train_steps": 2,
             "global_batch_size": 2,
@@ -163,10 +173,29 @@ def test_paper_configs_run_two_synthetic_steps(name, tmp_path):
     state = train.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:2])
     assert int(state.step) == 2
     assert np.isfinite(read_scalars(tmp_path, "loss")[2])
-    assert (
-        state.params["x_embedder"]["proj"]["kernel"].shape[-1]
-        == {"dit_s": 384, "dit_b": 768, "dit_l": 1024, "dit_xl": 1152}[name]
+    kernel = state.params["x_embedder"]["proj"]["kernel"]
+    assert kernel.shape[-1] == {"dit_s": 384, "dit_b": 768, "dit_l": 1024, "dit_xl": 1152}[name]
+    assert kernel.dtype == jnp.float32  # params stay float32 under bf16 compute
+    assert not (tmp_path / "samples.png").exists()  # latents: no VAE decoder registered yet
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    one = jax.devices()[:1]
+    train.train_and_evaluate(tiny(num_train_steps=2), str(tmp_path), devices=one)
+    blow_up = tiny(
+        **{"num_train_steps": 8, "checkpoint_every_steps": 1, "optimizer.learning_rate": 1e30}
     )
+    with pytest.raises(FloatingPointError, match="stopping without saving"):
+        train.train_and_evaluate(blow_up, str(tmp_path), devices=one)
+    ckpt = checkpoint.Checkpoints(str(tmp_path), read_only=True)
+    losses = read_scalars(tmp_path, "loss")
+    last_finite = max(step for step, loss in losses.items() if np.isfinite(loss))
+    assert ckpt.latest_step() <= last_finite < 8
+    task = train.make_task(blow_up)
+    mesh = train.sharding.make_mesh(blow_up.mesh, one)
+    abstract, shardings = train.state_layout(task, mesh)
+    restored = ckpt.restore(checkpoint.restore_target(abstract, shardings))
+    assert all(np.isfinite(leaf).all() for leaf in leaves(restored.params))
 
 
 def test_sigterm_saves_and_resume_finishes(tmp_path):
