@@ -3,6 +3,8 @@
 One `jax.jit` with NamedShardings over a (data, fsdp) mesh runs the whole
 step; the state is donated. The loop never waits for the devices between log
 points: metrics stay on device until `log_every_steps` fetches them together.
+The step (make_task, state_layout, jit_train_step) needs only jax, flax, optax
+and ml_collections; the loop adds clu, grain and orbax.
 """
 
 from __future__ import annotations
@@ -21,10 +23,8 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers, periodic_actions
 
-from dtr_jax import checkpoint, config as config_lib, evaluate, sample, sharding, weighting
-from dtr_jax.data import device_batches, get_source
+from dtr_jax import checkpoint, config as config_lib, sample, sharding, weighting
 from dtr_jax.diffusion import GaussianDiffusion
 from dtr_jax.models import from_config
 
@@ -282,6 +282,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     else:
         state = create_state(task, mesh, shardings)
     start = int(jax.device_get(state.step))
+    from clu import metric_writers  # the loop's I/O; the step itself needs only jax/optax
+
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     if start == 0:
         writer.write_hparams(_flat(config))
@@ -323,6 +325,11 @@ def _loop(task, mesh, shardings, state, start, ckpt, writer, workdir):
     cfg = task.config
     step_fn = jit_train_step(task, mesh, shardings)
     tables = None if task.tables is None else jax.device_put(task.tables, sharding.replicated(mesh))
+    from clu import periodic_actions
+
+    from dtr_jax import evaluate
+    from dtr_jax.data import device_batches, get_source
+
     batches = device_batches(get_source(cfg), cfg, sharding.batch_sharding(mesh), start)
     meta = dict(config=cfg.to_dict(), signature=config_lib.model_signature(cfg))
     hooks = [
