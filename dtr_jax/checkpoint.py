@@ -51,7 +51,8 @@ class Checkpoints:
         read_only: bool = False,
     ):
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep,
+            max_to_keep=None if read_only else max_to_keep,
+            save_interval_steps=0 if read_only else 1,
             create=not read_only,
             read_only=read_only,
             enable_async_checkpointing=async_save,

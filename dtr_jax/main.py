@@ -12,8 +12,10 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-# TensorFlow (imported by clu and tfds) logs INFO lines at import; keep warnings and errors.
+# TensorFlow (imported by clu and tfds) only writes summaries and reads data here: keep its
+# import quiet (INFO logs, and the oneDNN notice that TF_CPP_MIN_LOG_LEVEL does not silence).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 MODES = ("train", "sample", "evaluate", "export")
 
@@ -63,10 +65,14 @@ def main(argv):
 
 
 class _LibraryInfoFilter(std_logging.Filter):
-    """Drops the INFO chatter of orbax (dozens of lines per save); keeps warnings."""
+    """Drops library INFO chatter (orbax logs dozens of lines per save); keeps warnings."""
+
+    NOISY = ("/orbax/", "xla_bridge.py")
 
     def filter(self, record):
-        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+        return record.levelno >= std_logging.WARNING or not any(
+            part in record.pathname for part in self.NOISY
+        )
 
 
 if __name__ == "__main__":
