@@ -12,7 +12,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from dtr_jax import routing
-from dtr_jax.models import DTYPES, MODEL_NAMES, architecture
+from dtr_jax.models import DTYPES, MODEL_NAMES, model_architecture
 
 SCHEDULES = ("linear", "cosine")
 SAMPLERS = ("ddpm", "ddim")
@@ -121,6 +121,37 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+def paper_config(model_name: str) -> ml_collections.ConfigDict:
+    """The paper's ImageNet 256x256 recipe (SPEC §6) for a DiT size, e.g. "DiT-B/2".
+
+    AdamW lr 1e-4 without weight decay, global batch 256, EMA 0.9999, 400K steps, latents
+    32x32x4 (Stable Diffusion VAE, 8x down), 1000 classes, DTR beta 0.8 alpha 4, linear
+    schedule with T = 1000, 250 DDPM sampling steps at guidance 1.5.
+    """
+    c = default_config()
+    c.num_train_steps = 400_000
+    c.global_batch_size = 256
+    c.log_every_steps = 100
+    c.checkpoint_every_steps = 10_000
+    c.model.name = model_name
+    c.model.input_size = 32  # 256 / 8
+    c.model.in_channels = 4
+    c.model.num_classes = 1000
+    c.model.routing.kind = "dtr"
+    c.model.routing.beta = 0.8
+    c.model.routing.alpha = 4.0
+    c.diffusion.schedule = "linear"
+    c.optimizer.learning_rate = 1e-4
+    c.optimizer.weight_decay = 0.0
+    c.optimizer.ema_decay = 0.9999
+    c.data.name = "synthetic"  # until the ImageNet latent source lands (ROADMAP 3)
+    c.data.flip = True
+    c.sample.num_steps = 250
+    c.sample.cfg_scale = 1.5
+    c.sample.decoder = "sd_vae"  # registered by the VAE (ROADMAP 3); 'latents' saves raw latents
+    return c
+
+
 def load_config(path: str, **overrides) -> ml_collections.ConfigDict:
     """get_config() of a config file, with dotted-name overrides applied
     (load_config("configs/digits.py", **{"model.depth": 2}))."""
@@ -173,13 +204,7 @@ def _check_model(c, problems):
     if m.name not in MODEL_NAMES:
         problems.append(f"model.name={m.name!r} is unknown: allowed {list(MODEL_NAMES)}")
         return
-    arch = architecture(
-        m.name,
-        depth=m.depth,
-        hidden_size=m.hidden_size,
-        num_heads=m.num_heads,
-        patch_size=m.patch_size,
-    )
+    arch = model_architecture(m)
     sizes: list[str] = []
     for f in ("depth", "hidden_size", "num_heads", "patch_size"):
         _positive(sizes, f"model.{f}", arch[f])
@@ -328,13 +353,7 @@ def validate(config, num_devices: int, mode: str = "train") -> None:
 def model_signature(config) -> dict:
     """What a checkpoint's parameters depend on; a resumed run must match it."""
     m = config.model
-    arch = architecture(
-        m.name,
-        depth=m.depth,
-        hidden_size=m.hidden_size,
-        num_heads=m.num_heads,
-        patch_size=m.patch_size,
-    )
+    arch = model_architecture(m)
     return dict(
         name=m.name,
         **arch,

@@ -38,7 +38,7 @@ import dtr_jax
 from dtr_jax import checkpoint, routing, sample, sharding
 from dtr_jax import config as config_lib
 from dtr_jax.diffusion import GaussianDiffusion
-from dtr_jax.models import DiT, architecture, create_dit
+from dtr_jax.models import DiT, create_dit, model_architecture
 
 FORMAT = "dtr_jax.export"
 FORMAT_VERSION = 1
@@ -55,13 +55,7 @@ CUSTOM = "custom"  # routing kind of tables that exist only in the export (no sp
 def spec_from_config(config, step: int | None = None, use_ema: bool = True) -> dict:
     """The model.json of an export of `config`'s model (JSON types only)."""
     m, r, s = config.model, config.model.routing, config.sample
-    arch = architecture(
-        m.name,
-        depth=m.depth,
-        hidden_size=m.hidden_size,
-        num_heads=m.num_heads,
-        patch_size=m.patch_size,
-    )
+    arch = model_architecture(m)
     model = {k: int(v) for k, v in arch.items()}
     model.update(
         name=str(m.name),

@@ -11,28 +11,15 @@ import pytest
 from safetensors import numpy as st_numpy
 
 from dtr_jax import export, routing, sharding, train
-from dtr_jax.config import ConfigError, load_config
+from dtr_jax.config import ConfigError
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-DIGITS = str(ROOT / "configs" / "digits.py")
+import helpers
+
 FILES = ("model.json", "model.msgpack", "model.safetensors")
 
 
 def tiny(**overrides):
-    base = {
-        "num_train_steps": 3,
-        "global_batch_size": 16,
-        "log_every_steps": 1,
-        "checkpoint_every_steps": 100,
-        "sample_every_steps": 0,
-        "model.depth": 1,
-        "model.hidden_size": 32,
-        "model.num_heads": 2,
-        "mesh.data": -1,
-        "sample.num_steps": 4,
-        "sample.grid_per_class": 1,
-    }
-    return load_config(DIGITS, **(base | overrides))
+    return helpers.tiny(**({"num_train_steps": 3} | overrides))
 
 
 def trained(tmp_path_factory, name, **overrides):

@@ -24,6 +24,18 @@ def architecture(name: str, **overrides) -> dict:
     return arch
 
 
+def model_architecture(model_config) -> dict:
+    """The architecture a `config.model` section resolves to (name + overrides)."""
+    m = model_config
+    return architecture(
+        m.name,
+        depth=m.depth,
+        hidden_size=m.hidden_size,
+        num_heads=m.num_heads,
+        patch_size=m.patch_size,
+    )
+
+
 def create_dit(
     name: str,
     *,
@@ -52,13 +64,11 @@ def from_config(config):
     from dtr_jax import routing  # local: keep the registry import-light
 
     m = config.model
-    model = create_dit(
-        m.name,
-        dtype=m.dtype,
-        depth=m.depth,
-        hidden_size=m.hidden_size,
-        num_heads=m.num_heads,
-        patch_size=m.patch_size,
+    if m.dtype not in DTYPES:
+        raise ValueError(f"model.dtype={m.dtype!r} is unknown: allowed {list(DTYPES)}")
+    model = DiT(
+        dtype=DTYPES[m.dtype],
+        **model_architecture(m),
         input_size=m.input_size,
         in_channels=m.in_channels,
         num_classes=m.num_classes,
@@ -79,4 +89,12 @@ def from_config(config):
     return model, tables
 
 
-__all__ = ["DiT", "SIZES", "MODEL_NAMES", "architecture", "create_dit", "from_config"]
+__all__ = [
+    "DiT",
+    "SIZES",
+    "MODEL_NAMES",
+    "architecture",
+    "create_dit",
+    "from_config",
+    "model_architecture",
+]
