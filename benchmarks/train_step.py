@@ -6,7 +6,9 @@
 Runs the real jitted, sharded train step (dtr_jax.train) on a fixed synthetic batch
 over all local devices. The routing kinds are timed in interleaved rounds, so any
 background load falls on all of them alike, and each is reported as the median
-ms/step with its ratio to `none`. Also prints the analytic forward cost (multiply-adds
+ms/step with its ratio to `none`, next to the XLA scratch memory of the compiled step
+(activations and gradients in flight; params and optimizer state are the same for all
+kinds, since routing adds no parameters). Also prints the analytic forward cost (multiply-adds
 per image, SPEC §3) and the model FLOP/s achieved (a train step ~ 3x the forward).
 Needs only jax, flax, optax, numpy and ml_collections (no TensorFlow, clu or grain).
 """
@@ -52,11 +54,19 @@ def make_runner(config, kind: str):
     }
     batch = jax.device_put(batch, sharding.batch_sharding(mesh))
     tables = None if task.tables is None else jax.device_put(task.tables, sharding.replicated(mesh))
-    return train.jit_train_step(task, mesh, shardings), state, batch, tables, task.model
+    start = time.perf_counter()
+    step = train.jit_train_step(task, mesh, shardings).lower(state, batch, tables).compile()
+    return step, state, batch, tables, task.model, time.perf_counter() - start
+
+
+def scratch_mib(step) -> float:
+    """XLA's temporary buffers for one step (activations, gradients in flight), in MiB."""
+    analysis = step.memory_analysis()
+    return float("nan") if analysis is None else analysis.temp_size_in_bytes / 2**20
 
 
 def time_steps(runner, steps: int) -> tuple[float, object]:
-    fn, state, batch, tables, _ = runner
+    fn, state, batch, tables = runner[:4]
     start = time.perf_counter()
     for _ in range(steps):
         state, metrics = fn(state, batch, tables)
@@ -82,13 +92,11 @@ def main():
     config = load_config(args.config, **overrides)
     kinds = args.kinds.split(",")
 
-    runners, compile_s = {}, {}
+    runners = {}
     for kind in kinds:
         runners[kind] = make_runner(config, kind)
-        start = time.perf_counter()
-        _, state = time_steps(runners[kind], 1)  # compile + first step
+        _, state = time_steps(runners[kind], 1)  # warm-up step
         runners[kind] = runners[kind][:1] + (state,) + runners[kind][2:]
-        compile_s[kind] = time.perf_counter() - start
     times = {kind: [] for kind in kinds}
     for _ in range(args.rounds):
         for kind in kinds:
@@ -109,15 +117,19 @@ def main():
     )
     print(f"forward: {macs / 1e9:.3f} GMACs/image; train step ~ {6 * macs * b / 1e9:.1f} GFLOP")
     print(f"{args.rounds} rounds x {args.steps} steps, interleaved\n")
-    print("| routing | ms/step (median) | min | vs none | images/s | model TFLOP/s | compile s |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| routing | ms/step (median) | min | vs none | images/s | model TFLOP/s "
+        "| XLA scratch MiB | compile s |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     base = statistics.median(times[kinds[0]])
     for kind in kinds:
         med = statistics.median(times[kind])
         flops = 6 * macs * b / med
         print(
             f"| {kind} | {med * 1e3:.1f} | {min(times[kind]) * 1e3:.1f} | {med / base:.3f} | "
-            f"{b / med:.0f} | {flops / 1e12:.3f} | {compile_s[kind]:.1f} |"
+            f"{b / med:.0f} | {flops / 1e12:.3f} | {scratch_mib(runners[kind][0]):.1f} "
+            f"| {runners[kind][5]:.1f} |"
         )
 
 
