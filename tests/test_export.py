@@ -215,31 +215,50 @@ def test_custom_tables_are_kept_in_the_export(dtr_run, tmp_path):
     assert_close(loaded.apply(*inputs()), expected)
 
 
-def test_load_errors_name_the_file(dtr_export, tmp_path):
+def test_missing_export_names_the_path(tmp_path):
     missing = tmp_path / "nothing"
     with pytest.raises(FileNotFoundError, match=f"no dtr_jax export at {missing}: expected"):
         export.load(str(missing))
 
-    future = copy(dtr_export, tmp_path / "future")
-    edit_json(future, lambda s: s.update(format_version=99))
-    with pytest.raises(ValueError, match=r"future/model.json has export format_version=99"):
-        export.load(str(future))
 
-    deeper = copy(dtr_export, tmp_path / "deeper")
-    edit_json(deeper, lambda s: s["model"].update(depth=2))
-    with pytest.raises(ValueError, match=r"deeper/model.safetensors do not match .* 'blocks_1\."):
-        export.load(str(deeper))
-
-    classes = copy(dtr_export, tmp_path / "classes")
-    (classes / "model.safetensors").unlink()
-    edit_json(classes, lambda s: s["model"].update(num_classes=11))
-    with pytest.raises(ValueError, match=r"classes/model.msgpack .*'y_embedder.embedding_table"):
-        export.load(str(classes))
-
-    other = copy(dtr_export, tmp_path / "other")
-    edit_json(other, lambda s: s["routing"].update(alpha=1.0))
-    with pytest.raises(ValueError, match=r"tables stored in .*other/model.safetensors do not"):
-        export.load(str(other))
+@pytest.mark.parametrize(
+    "name, edit, drop_safetensors, message",
+    [
+        (
+            "future",
+            lambda s: s.update(format_version=99),
+            False,
+            r"future/model.json has export format_version=99",
+        ),
+        (
+            "deeper",
+            lambda s: s["model"].update(depth=2),
+            False,
+            r"deeper/model.safetensors do not match .* 'blocks_1\.",
+        ),
+        (
+            "classes",
+            lambda s: s["model"].update(num_classes=11),
+            True,
+            r"classes/model.msgpack .*'y_embedder.embedding_table",
+        ),
+        (
+            "other",
+            lambda s: s["routing"].update(alpha=1.0),
+            False,
+            r"tables stored in .*other/model.safetensors do not",
+        ),
+    ],
+)
+def test_inconsistent_exports_are_refused(
+    dtr_export, tmp_path, name, edit, drop_safetensors, message
+):
+    broken = copy(dtr_export, tmp_path / name)
+    if drop_safetensors:  # then the msgpack params are what is checked
+        (broken / "model.safetensors").unlink()
+    edit_json(broken, edit)
+    with pytest.raises(ValueError, match=message):
+        export.load(str(broken))
 
 
 def test_export_mode_without_checkpoint_raises(tmp_path):
