@@ -65,11 +65,17 @@ def main(argv):
 
 
 class _LibraryInfoFilter(std_logging.Filter):
-    """Drops library INFO chatter (orbax logs dozens of lines per save); keeps warnings."""
+    """Drops library INFO chatter (orbax logs dozens of lines per save); keeps warnings,
+    except orbax's notice that a read-only mode (sample, evaluate, export) opened the
+    checkpoints read-only, which is intended."""
 
     NOISY = ("/orbax/", "xla_bridge.py")
 
     def filter(self, record):
+        if "/orbax/" in record.pathname and record.getMessage().startswith(
+            "Given directory is read only"
+        ):
+            return False
         return record.levelno >= std_logging.WARNING or not any(
             part in record.pathname for part in self.NOISY
         )
