@@ -9,6 +9,7 @@ restores onto any number of devices.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import jax
@@ -31,12 +32,24 @@ def checkpoint_dir(workdir: str) -> epath.Path:
     return workdir_path(workdir) / "checkpoints"
 
 
-def write_atomically(path: str, data: bytes) -> None:
-    """Writes via a temporary file and a rename: an existing file is never left half written."""
+@contextlib.contextmanager
+def open_atomically(path: str):
+    """A binary file that replaces `path` only once it is completely written and closed
+    (a temporary file, then a rename): `path` is never left half written."""
     path = epath.Path(path)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    try:
+        with tmp.open("wb") as f:
+            yield f
+        tmp.replace(path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_atomically(path: str, data: bytes) -> None:
+    with open_atomically(path) as f:
+        f.write(data)
 
 
 class Checkpoints:

@@ -18,10 +18,14 @@ from dtr_jax import checkpoint, config as config_lib, metrics, sample
 from dtr_jax.config import ConfigError
 
 
-def load_images(path: str, field: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """(uint8 NHWC images, labels or None) from an .npz; `field` names it in errors."""
+def _require_file(path: str, field: str) -> None:
     if not path or not os.path.isfile(path):
         raise ConfigError([f"{field}={path!r}: no such file"])
+
+
+def load_images(path: str, field: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """(uint8 NHWC images, labels or None) from an .npz; `field` names it in errors."""
+    _require_file(path, field)
     with np.load(path) as data:
         if "arr_0" not in data:
             raise ConfigError([f"{field}={path!r} has no arr_0 (uint8 NHWC images)"])
@@ -39,8 +43,7 @@ def load_images(path: str, field: str) -> tuple[np.ndarray, np.ndarray | None]:
 def load_reference(path: str) -> dict:
     """A reference .npz: images (arr_0) and/or statistics (mu, sigma)."""
     field = "eval.reference"
-    if not path or not os.path.isfile(path):
-        raise ConfigError([f"{field}={path!r}: no such file"])
+    _require_file(path, field)
     with np.load(path) as data:
         keys = set(data.files)
     ref = {}
@@ -190,7 +193,7 @@ def evaluate_mode(config, workdir: str) -> dict:
         name = os.path.splitext(os.path.basename(e.samples))[0]
         samples_name = f"eval.samples={e.samples!r}"
     else:
-        if sample.DECODERS.get(config.sample.decoder) is not sample.decode_pixels:
+        if not sample.gives_pixels(config.sample.decoder):
             raise ConfigError(
                 [f"sample.decoder={config.sample.decoder!r} does not give images to evaluate"]
             )

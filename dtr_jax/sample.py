@@ -6,7 +6,6 @@ routing masks are the rows of the tasks it was trained on (SPEC §2).
 
 from __future__ import annotations
 
-import os
 import time
 
 import flax.linen as nn
@@ -133,13 +132,11 @@ def save_png(path: str, image: np.ndarray, scale: int = 1) -> None:
 
     from PIL import Image
 
-    from dtr_jax.checkpoint import write_atomically
-
     if scale > 1:
         image = image.repeat(scale, 0).repeat(scale, 1)
     buffer = io.BytesIO()
     Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format="PNG")
-    write_atomically(path, buffer.getvalue())
+    checkpoint_lib.write_atomically(path, buffer.getvalue())
 
 
 # --- decoding: model space -> what gets saved --------------------------------
@@ -174,6 +171,11 @@ def get_decoder(name: str):
     return DECODERS[name]
 
 
+def gives_pixels(decoder: str) -> bool:
+    """Whether sample.decoder turns model outputs into uint8 images (grids, metrics)."""
+    return DECODERS.get(decoder) is decode_pixels
+
+
 def displayable(decoded: np.ndarray) -> bool:
     return decoded.dtype == np.uint8 and decoded.shape[-1] in (1, 3)
 
@@ -191,14 +193,9 @@ def labels_for(sample_config, num_classes: int, n: int) -> np.ndarray:
 
 
 def write_npz(path: str, **arrays) -> None:
-    """np.savez to a temporary file, then renamed into place (local or remote)."""
-    from etils import epath
-
-    path = epath.Path(path)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    with tmp.open("wb") as f:
+    """np.savez streamed into place atomically (local or remote)."""
+    with checkpoint_lib.open_atomically(path) as f:
         np.savez(f, **arrays)
-    tmp.replace(path)
 
 
 def run_name(config, step: int) -> str:

@@ -66,13 +66,10 @@ def make_task(config) -> Task:
         learn_sigma=config.model.learn_sigma,
     )
     o = config.optimizer
-    lr = (
-        optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps)
-        if o.warmup_steps
-        else optax.constant_schedule(o.learning_rate)
-    )
-    if o.warmup_steps:
-        lr = optax.join_schedules([lr, optax.constant_schedule(o.learning_rate)], [o.warmup_steps])
+    lr = optax.constant_schedule(o.learning_rate)
+    if o.warmup_steps:  # linear from 0, then constant
+        warmup = optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps)
+        lr = optax.join_schedules([warmup, lr], [o.warmup_steps])
     tx = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
     if o.grad_clip:
         tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), tx)
@@ -315,7 +312,7 @@ def _final_outputs(task: Task, state: TrainState, mesh, workdir: str) -> None:
 def _sample_grid(task: Task, sampler, params):
     """A uint8 grid (a row per class) if the config's decoder gives pixels, else None."""
     s = task.config.sample
-    if sample.DECODERS.get(s.decoder) is not sample.decode_pixels:
+    if not sample.gives_pixels(s.decoder):
         logging.info("No sample grid: sample.decoder=%r does not give pixels.", s.decoder)
         return None
     return sample.class_grid(sampler, params, task.model.num_classes, s.grid_per_class, s.seed)
