@@ -17,8 +17,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+from dtr_jax import modes
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Base config (the digits default).")
@@ -74,9 +73,7 @@ def table(results: dict, kinds, cfg_scales, seeds) -> str:
 
 def main(argv):
     del argv
-    import tensorflow as tf
-
-    tf.config.set_visible_devices([], "GPU")
+    modes.setup_process()
     seeds = [int(s) for s in FLAGS.seeds]
     scales = [float(s) for s in FLAGS.cfg_scales]
     results = {}
