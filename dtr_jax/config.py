@@ -12,9 +12,9 @@ import ml_collections
 from ml_collections import config_dict
 
 from dtr_jax import routing
+from dtr_jax.diffusion import SCHEDULES
 from dtr_jax.models import DTYPES, MODEL_NAMES, model_architecture
 
-SCHEDULES = ("linear", "cosine")
 SAMPLERS = ("ddpm", "ddim")
 
 
@@ -228,7 +228,7 @@ def _check_model(c, problems):
             f"model.input_size={m.input_size} is not divisible by "
             f"model.patch_size={arch['patch_size']}"
         )
-    if 0.0 < r.beta <= 1.0 and int(r.beta * arch["hidden_size"]) < 1:
+    if 0.0 < r.beta <= 1.0 and routing.active_channels(arch["hidden_size"], r.beta) < 1:
         problems.append(
             f"model.routing.beta={r.beta!r} leaves no active channel of "
             f"hidden_size={arch['hidden_size']}"

@@ -213,10 +213,6 @@ class GaussianDiffusion:
     def num_timesteps(self) -> int:
         return len(self.betas)
 
-    def snr(self) -> np.ndarray:
-        """abar / (1 - abar), float64, shape (T,)."""
-        return self.alphas_cumprod / (1.0 - self.alphas_cumprod)
-
     # ---------------------------------------------------------------- forward process
 
     def q_mean_variance(self, x_start, t):

@@ -40,18 +40,9 @@ class DigitsEvaluator:
     mu: np.ndarray
     sigma: np.ndarray
 
-    def _apply(self, images):
-        x = _as_unit_range(images)
-        logits, feats = [], []
-        for i in range(0, len(x), 1024):
-            lo, fe = _forward(self.params, jnp.asarray(x[i : i + 1024]))
-            logits.append(np.asarray(lo))
-            feats.append(np.asarray(fe))
-        return np.concatenate(logits), np.concatenate(feats)
-
     def __call__(self, images, labels=None) -> dict:
         """{'accuracy' (if labels), 'fd'} of samples (uint8 0..255 or floats in [-1, 1])."""
-        logits, feats = self._apply(images)
+        logits, feats = _classify(self.params, images)
         out = {"fd": metrics.frechet_distance(*metrics.stats(feats), self.mu, self.sigma)}
         if labels is not None:
             out["accuracy"] = float(np.mean(logits.argmax(-1) == np.asarray(labels)))
@@ -61,6 +52,17 @@ class DigitsEvaluator:
 @jax.jit
 def _forward(params, x):
     return DigitsMLP().apply({"params": params}, x)
+
+
+def _classify(params, images) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, penultimate features) of images, in batches of 1024."""
+    x = _as_unit_range(images)
+    logits, feats = [], []
+    for i in range(0, len(x), 1024):
+        lo, fe = _forward(params, jnp.asarray(x[i : i + 1024]))
+        logits.append(np.asarray(lo))
+        feats.append(np.asarray(fe))
+    return np.concatenate(logits), np.concatenate(feats)
 
 
 def _as_unit_range(images) -> np.ndarray:
@@ -97,8 +99,7 @@ def train_evaluator(seed: int = 0, steps: int = 400) -> DigitsEvaluator:
     opt_state = tx.init(params)
     for _ in range(steps):
         params, opt_state = step(params, opt_state)
-    probe = DigitsEvaluator(params, 0.0, np.zeros(1), np.zeros((1, 1)))
-    logits, feats = probe._apply(test.images)
+    logits, feats = _classify(params, test.images)
     mu, sigma = metrics.stats(feats)
     accuracy = float(np.mean(logits.argmax(-1) == test.labels))
     return DigitsEvaluator(params, accuracy, mu, sigma)

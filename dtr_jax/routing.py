@@ -23,7 +23,7 @@ def _check(kind: str, num_tasks: int, channels: int, beta: float, alpha: float) 
         raise ValueError(f"routing beta={beta!r} must lie in (0, 1]")
     if not alpha > 0.0:
         raise ValueError(f"routing alpha={alpha!r} must be > 0")
-    if int(beta * channels) < 1:
+    if active_channels(channels, beta) < 1:
         raise ValueError(
             f"routing beta={beta!r} leaves no active channel out of "
             f"channels={channels}: beta * channels must be >= 1"

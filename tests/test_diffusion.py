@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.special import ndtr
 
-from dtr_jax import diffusion as D
+from dtr_jax import diffusion as D, weighting
 
 T = 1000
 SHAPE = (2, 4, 4, 3)  # NHWC
@@ -112,9 +112,9 @@ def test_respace_keeps_alphas_cumprod(schedule):
     np.testing.assert_allclose(sp2.alphas_cumprod, full.alphas_cumprod[keep[::5]], rtol=1e-12)
 
 
-def test_snr(diff):
+def test_snr_of_the_linear_schedule(diff):
     abar = np.cumprod(1 - np.linspace(1e-4, 0.02, T))
-    s = diff.snr()
+    s = weighting.snr(diff.alphas_cumprod)
     assert s.dtype == np.float64 and s.shape == (T,)
     np.testing.assert_allclose(s, abar / (1 - abar), rtol=1e-10)
 

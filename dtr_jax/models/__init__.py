@@ -64,10 +64,9 @@ def from_config(config):
     from dtr_jax import routing  # local: keep the registry import-light
 
     m = config.model
-    if m.dtype not in DTYPES:
-        raise ValueError(f"model.dtype={m.dtype!r} is unknown: allowed {list(DTYPES)}")
-    model = DiT(
-        dtype=DTYPES[m.dtype],
+    model = create_dit(
+        m.name,
+        dtype=m.dtype,
         **model_architecture(m),
         input_size=m.input_size,
         in_channels=m.in_channels,

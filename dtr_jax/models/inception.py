@@ -326,22 +326,27 @@ def make_feature_fn(
 # ----------------------------------------------------------------------------- weights
 
 
+# (torch module, torch leaf) -> (Flax collection, Flax leaf).
+_TORCH_TO_FLAX = {
+    ("conv", "weight"): ("params", "kernel"),
+    ("bn", "weight"): ("params", "scale"),
+    ("bn", "bias"): ("params", "bias"),
+    ("bn", "running_mean"): ("batch_stats", "mean"),
+    ("bn", "running_var"): ("batch_stats", "var"),
+    ("fc", "weight"): ("params", "kernel"),
+    ("fc", "bias"): ("params", "bias"),
+}
+# (Flax collection, Flax leaf) -> torch leaf (the module name is the same on both sides).
+_FLAX_TO_TORCH_LEAF = {flax_leaf: torch[1] for torch, flax_leaf in _TORCH_TO_FLAX.items()}
+
+
 def _flax_path(torch_key: str) -> tuple[str, tuple[str, ...]]:
     """Map a pytorch-fid key to ``(collection, path)`` in the Flax variables."""
     *mods, leaf = torch_key.split(".")
     last = mods[-1] if mods else ""
-    table = {
-        ("conv", "weight"): ("params", "kernel"),
-        ("bn", "weight"): ("params", "scale"),
-        ("bn", "bias"): ("params", "bias"),
-        ("bn", "running_mean"): ("batch_stats", "mean"),
-        ("bn", "running_var"): ("batch_stats", "var"),
-        ("fc", "weight"): ("params", "kernel"),
-        ("fc", "bias"): ("params", "bias"),
-    }
-    if (last, leaf) not in table:
+    if (last, leaf) not in _TORCH_TO_FLAX:
         raise KeyError(torch_key)
-    col, name = table[(last, leaf)]
+    col, name = _TORCH_TO_FLAX[(last, leaf)]
     return col, (*mods, name)
 
 
@@ -365,18 +370,11 @@ def _from_flax_shape(torch_key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
 def expected_torch_shapes() -> dict[str, tuple[int, ...]]:
     """The pytorch-fid state-dict keys (without ``num_batches_tracked``) and their shapes."""
     shapes = jax.eval_shape(init_variables)
-    inverse = {
-        ("params", "kernel"): "weight",
-        ("params", "scale"): "weight",
-        ("params", "bias"): "bias",
-        ("batch_stats", "mean"): "running_mean",
-        ("batch_stats", "var"): "running_var",
-    }
     out = {}
     for col, tree in shapes.items():
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
             names = [k.key for k in path]
-            key = ".".join([*names[:-1], inverse[(col, names[-1])]])
+            key = ".".join([*names[:-1], _FLAX_TO_TORCH_LEAF[(col, names[-1])]])
             out[key] = _from_flax_shape(key, leaf.shape)
     return out
 
