@@ -3,7 +3,7 @@
   python benchmarks/train_step.py --config configs/digits.py
   python benchmarks/train_step.py --config configs/dit_b.py --batch 32 --set model.dtype=bfloat16
 
-Runs the real jitted, sharded train step (dtr_jax.train) on a fixed synthetic batch
+Runs the real jitted, sharded train step (dtr_jax.step) on a fixed synthetic batch
 over all local devices. The routing kinds are timed in interleaved rounds, so any
 background load falls on all of them alike, and each is reported as the median
 ms/step with its ratio to `none`, next to the XLA scratch memory of the compiled step
@@ -16,15 +16,18 @@ Needs only jax, flax, optax, numpy and ml_collections (no TensorFlow, clu or gra
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import statistics
 import time
+from typing import Any
 
 import jax
 import numpy as np
 
-from dtr_jax import sharding, train
+from dtr_jax import sharding, step as step_lib
 from dtr_jax.config import load_config
+from dtr_jax.models import DiT
 
 
 def forward_macs(model) -> float:
@@ -38,40 +41,51 @@ def forward_macs(model) -> float:
     return float(blocks + embed + final)
 
 
-def make_runner(config, kind: str):
-    """(step function, state, batch, tables) for one routing kind."""
+@dataclasses.dataclass
+class Runner:
+    """One routing kind's compiled step and the state it advances."""
+
+    step: Any  # the compiled step: (state, batch, tables) -> (state, metrics)
+    state: step_lib.TrainState
+    batch: dict
+    tables: jax.Array | None
+    model: DiT
+    compile_seconds: float
+
+    def run(self, steps: int) -> float:
+        """Runs `steps` steps; returns seconds per step (waiting for the last)."""
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.state, metrics = self.step(self.state, self.batch, self.tables)
+        jax.block_until_ready(metrics)
+        return (time.perf_counter() - start) / steps
+
+
+def make_runner(config, kind: str) -> Runner:
     config = config.copy_and_resolve_references()
     config.model.routing.kind = kind
-    task = train.make_task(config)
+    setup = step_lib.create_setup(config)
     mesh = sharding.make_mesh(config.mesh)
-    _, shardings = train.state_layout(task, mesh)
-    state = train.create_state(task, mesh, shardings)
-    m, b = task.model, config.global_batch_size
+    _, shardings = step_lib.state_layout(setup, mesh)
+    state = step_lib.create_state(setup, mesh, shardings)
+    m, b = setup.dm.model, config.global_batch_size
     rng = np.random.default_rng(0)
     batch = {
         "image": rng.standard_normal((b, m.input_size, m.input_size, m.in_channels), np.float32),
         "label": rng.integers(0, m.num_classes, b).astype(np.int32),
     }
     batch = jax.device_put(batch, sharding.batch_sharding(mesh))
-    tables = None if task.tables is None else jax.device_put(task.tables, sharding.replicated(mesh))
+    tables = setup.dm.tables
+    tables = None if tables is None else jax.device_put(tables, sharding.replicated(mesh))
     start = time.perf_counter()
-    step = train.jit_train_step(task, mesh, shardings).lower(state, batch, tables).compile()
-    return step, state, batch, tables, task.model, time.perf_counter() - start
+    compiled = step_lib.jit_train_step(setup, mesh, shardings).lower(state, batch, tables).compile()
+    return Runner(compiled, state, batch, tables, m, time.perf_counter() - start)
 
 
 def scratch_mib(step) -> float:
     """XLA's temporary buffers for one step (activations, gradients in flight), in MiB."""
     analysis = step.memory_analysis()
     return float("nan") if analysis is None else analysis.temp_size_in_bytes / 2**20
-
-
-def time_steps(runner, steps: int) -> tuple[float, object]:
-    fn, state, batch, tables = runner[:4]
-    start = time.perf_counter()
-    for _ in range(steps):
-        state, metrics = fn(state, batch, tables)
-    jax.block_until_ready(metrics)
-    return (time.perf_counter() - start) / steps, state
 
 
 def main():
@@ -92,19 +106,15 @@ def main():
     config = load_config(args.config, **overrides)
     kinds = args.kinds.split(",")
 
-    runners = {}
-    for kind in kinds:
-        runners[kind] = make_runner(config, kind)
-        _, state = time_steps(runners[kind], 1)  # warm-up step
-        runners[kind] = runners[kind][:1] + (state,) + runners[kind][2:]
+    runners = {kind: make_runner(config, kind) for kind in kinds}
+    for runner in runners.values():
+        runner.run(1)  # warm-up step
     times = {kind: [] for kind in kinds}
     for _ in range(args.rounds):
         for kind in kinds:
-            seconds, state = time_steps(runners[kind], args.steps)
-            runners[kind] = runners[kind][:1] + (state,) + runners[kind][2:]
-            times[kind].append(seconds)
+            times[kind].append(runners[kind].run(args.steps))
 
-    model = runners[kinds[0]][4]
+    model = runners[kinds[0]].model
     macs = forward_macs(model)
     b = config.global_batch_size
     print(
@@ -128,8 +138,8 @@ def main():
         flops = 6 * macs * b / med
         print(
             f"| {kind} | {med * 1e3:.1f} | {min(times[kind]) * 1e3:.1f} | {med / base:.3f} | "
-            f"{b / med:.0f} | {flops / 1e12:.3f} | {scratch_mib(runners[kind][0]):.1f} "
-            f"| {runners[kind][5]:.1f} |"
+            f"{b / med:.0f} | {flops / 1e12:.3f} | {scratch_mib(runners[kind].step):.1f} "
+            f"| {runners[kind].compile_seconds:.1f} |"
         )
 
 

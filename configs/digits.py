@@ -32,6 +32,7 @@ def get_config():
     c.data.name = "digits"
     c.data.flip = False  # a mirrored digit is not a digit
 
+    c.sample.decoder = "pixels"  # the model makes 8x8 images
     c.sample.num_steps = 100
     c.sample.cfg_scale = 2.0
     c.sample.clip_denoised = True  # pixels live in [-1, 1]

@@ -1,12 +1,29 @@
-"""DiT-B/2 (130M params) + DTR on ImageNet 256x256 latents: the paper's recipe.
+"""DiT-B/2 + DTR on ImageNet 256x256 latents: the paper's recipe (SPEC §6) at this size.
 
-The recipe (SPEC §6) lives in dtr_jax.config.paper_config. Until the ImageNet latent
-source lands, it runs end to end on random latents of the right shape
-(data.name=synthetic): shapes, sharding and memory can be checked on any hardware.
+  python -m dtr_jax.main --config configs/dit_b.py --workdir WORKDIR
+
+| DiT-B/2 | |
+|---|---|
+| depth / hidden / heads / patch | 12 / 768 / 12 / 2 |
+| parameters | 130M |
+| forward cost per image | 23.0 GMACs |
+| optimizer | AdamW, lr 1e-4 constant, weight decay 0, EMA 0.9999 |
+| batch / steps | 256 / 400K |
+| input | 32x32x4 latents (256x256 through the SD VAE), 1000 classes, flips |
+| diffusion | linear schedule, T = 1000, learned sigma, hybrid loss |
+| routing | DTR, beta 0.8, alpha 4 |
+| sampling | 250 DDPM steps, guidance 1.5 |
+| paper FID-50K (DiT -> DiT + DTR) | 27.96 -> 16.58 |
+
+Every row but the size is `default_config()`'s. The ImageNet latent source is on the
+roadmap: until it lands the run reads random latents of the right shape
+(`data.name=synthetic`), enough to check shapes, sharding and memory.
 """
 
-from dtr_jax.config import paper_config
+from dtr_jax.config import default_config
 
 
 def get_config():
-    return paper_config("DiT-B/2")
+    c = default_config()
+    c.model.name = "DiT-B/2"
+    return c

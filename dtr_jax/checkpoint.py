@@ -1,55 +1,28 @@
 """Orbax checkpoints of the whole train state plus a JSON record of the run.
 
-Layout: WORKDIR/checkpoints/<step>/{state,meta}. `state` is the TrainState
+Layout: WORKDIR/checkpoints/<step>/{state,meta}. `state` is the train-state
 pytree (params, EMA, optimizer and UW state, step); `meta` holds the config
-and the model signature, which a resumed run must match. Restoring takes an
-abstract target carrying the shardings of the current mesh, so a checkpoint
-restores onto any number of devices.
+and the model signature (what the params mean), which a resumed run and every
+reading mode must match. Restoring takes an abstract target carrying the
+shardings of the current mesh, so a checkpoint restores onto any number of
+devices.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from flax import traverse_util
 
-from dtr_jax.config import ConfigError
-
-
-def is_remote(path: str) -> bool:
-    """gs://, s3:// and the like: handled by etils.epath, orbax and TensorFlow."""
-    return "://" in str(path)
-
-
-def workdir_path(workdir: str) -> epath.Path:
-    return epath.Path(workdir if is_remote(workdir) else os.path.abspath(workdir))
+from dtr_jax import files
+from dtr_jax.errors import ConfigError
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
-    return workdir_path(workdir) / "checkpoints"
-
-
-@contextlib.contextmanager
-def open_atomically(path: str):
-    """A binary file that replaces `path` only once it is completely written and closed
-    (a temporary file, then a rename): `path` is never left half written."""
-    path = epath.Path(path)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    try:
-        with tmp.open("wb") as f:
-            yield f
-        tmp.replace(path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def write_atomically(path: str, data: bytes) -> None:
-    with open_atomically(path) as f:
-        f.write(data)
+    return files.resolve(workdir) / "checkpoints"
 
 
 class Checkpoints:
@@ -123,7 +96,7 @@ def check_workdir(workdir: str, signature: dict) -> None:
 
     Reads only; writes nothing, so a refused workdir is left exactly as it was.
     """
-    if not is_remote(workdir):
+    if not files.is_remote(workdir):
         _check_local_writable(workdir)
     if checkpoint_dir(workdir).is_dir():
         _check_signature(workdir, signature)
@@ -146,11 +119,12 @@ def _check_signature(workdir: str, signature: dict) -> int | None:
         step, meta = ckpt.latest_step(), ckpt.meta()
     finally:
         ckpt.close()
-    theirs = (meta or {}).get("signature", signature)
-    diffs = sorted(k for k in set(theirs) | set(signature) if theirs.get(k) != signature.get(k))
+    theirs = _flat((meta or {}).get("signature", signature))
+    ours = _flat(signature)
+    diffs = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
     if diffs:
         detail = ", ".join(
-            f"{k}: checkpoint {theirs.get(k)!r} vs config {signature.get(k)!r}" for k in diffs
+            f"{k}: checkpoint {theirs.get(k)!r} vs config {ours.get(k)!r}" for k in diffs
         )
         raise ConfigError(
             [
@@ -172,6 +146,11 @@ def _check_local_writable(workdir: str) -> None:
         raise ConfigError([f"--workdir={workdir} cannot be created: {existing} is a file"])
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError([f"--workdir={workdir} is not writable ({existing} refuses writes)"])
+
+
+def _flat(signature: dict) -> dict:
+    """{'routing.beta': 0.8, ...}: nested signature fields by their dotted names."""
+    return traverse_util.flatten_dict(signature, sep=".")
 
 
 def restore_target(abstract_state, shardings):

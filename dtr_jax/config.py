@@ -1,33 +1,42 @@
-"""The config schema (every field with its default) and its validation.
+"""The config schema (every field with its default), what the params mean, and validation.
 
-Config files in configs/ start from `default_config()` and change what their
-recipe changes, so each reads like a hyperparameter table. `validate` checks a
-config before anything compiles and reports every problem at once, each with
-its field, its value and what is allowed.
+`default_config()` is the paper's recipe (SPEC §6) for DiT-B/2 + DTR; config files
+in configs/ change only what their run changes. `validate` checks a config before
+anything compiles: each module checks its own section, `validate` names the fields
+and reports every problem at once. `model_spec` and `signature` say what a
+checkpoint's params mean: a resumed run, and every mode that reads a checkpoint,
+must match them.
 """
 
 from __future__ import annotations
 
+import importlib.util
+
 import ml_collections
+from flax import traverse_util
 from ml_collections import config_dict
 
-from dtr_jax import routing
-from dtr_jax.diffusion import SCHEDULES
-from dtr_jax.models import DTYPES, MODEL_NAMES, model_architecture
+from dtr_jax import data, decoders, diffusion, evaluators, models, optimizer
+from dtr_jax import routing, sharding, weighting
+from dtr_jax.errors import ConfigError, integer_problems, prefixed, raise_problems
+from dtr_jax.models import DiT, model_architecture
 
-SAMPLERS = ("ddpm", "ddim")
+MODES = ("train", "sample", "evaluate", "export")
 
-
-class ConfigError(ValueError):
-    """One or more config fields are invalid; the message lists each one."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = list(problems)
-        super().__init__("invalid config:\n  - " + "\n  - ".join(self.problems))
+__all__ = [
+    "MODES",
+    "ConfigError",
+    "default_config",
+    "load_config",
+    "model_spec",
+    "parse_labels",
+    "signature",
+    "validate",
+]
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """All fields, with the DiT-B/2 + DTR recipe of the paper as defaults."""
+    """All fields; the values are the paper's DiT-B/2 + DTR recipe on ImageNet 256x256."""
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.num_train_steps = 400_000
@@ -54,8 +63,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.remat = False
     c.model.routing = ml_collections.ConfigDict()
     c.model.routing.kind = "dtr"
-    c.model.routing.beta = 0.8
-    c.model.routing.alpha = 4.0
+    c.model.routing.beta = 0.8  # sharing ratio: active channels per task
+    c.model.routing.alpha = 4.0  # window speed (the release hard-codes 4)
     c.model.routing.seed = 0  # seeds the 'random' tables
 
     c.diffusion = ml_collections.ConfigDict()
@@ -85,7 +94,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.mesh.fsdp = 1
 
     c.data = ml_collections.ConfigDict()
-    c.data.name = "synthetic"
+    c.data.name = "synthetic"  # ImageNet latents are on the roadmap (ROADMAP 3)
     c.data.flip = True  # random horizontal flips
     c.data.prefetch = 2  # batches prefetched to the devices
     c.data.num_threads = 2  # grain read threads per host
@@ -106,9 +115,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.sample.labels = ""  # '' = uniform random; or '0,1,2'
     c.sample.seed = 0
     c.sample.grid_per_class = 8  # columns of the per-class PNG grid
-    c.sample.decoder = ""  # '' = the model makes pixels; 'latents' = save raw latents; or a VAE
+    c.sample.decoder = "latents"  # 'pixels', 'latents' (saved raw) or a registered VAE
 
     c.eval = ml_collections.ConfigDict()
+    c.eval.metrics = ""  # evaluators, e.g. 'digits,inception'; '' = the data's own (+ inception)
     c.eval.samples = ""  # .npz (arr_0 uint8 NHWC) to evaluate; '' = sample from the checkpoint
     c.eval.reference = ""  # reference .npz: images (arr_0) or statistics (mu, sigma)
     c.eval.inception_weights = ""  # pytorch-fid pt_inception-2015-12-05-6726825d.pth (or .npz)
@@ -121,42 +131,9 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-def paper_config(model_name: str) -> ml_collections.ConfigDict:
-    """The paper's ImageNet 256x256 recipe (SPEC §6) for a DiT size, e.g. "DiT-B/2".
-
-    AdamW lr 1e-4 without weight decay, global batch 256, EMA 0.9999, 400K steps, latents
-    32x32x4 (Stable Diffusion VAE, 8x down), 1000 classes, DTR beta 0.8 alpha 4, linear
-    schedule with T = 1000, 250 DDPM sampling steps at guidance 1.5.
-    """
-    c = default_config()
-    c.num_train_steps = 400_000
-    c.global_batch_size = 256
-    c.log_every_steps = 100
-    c.checkpoint_every_steps = 10_000
-    c.model.name = model_name
-    c.model.input_size = 32  # 256 / 8
-    c.model.in_channels = 4
-    c.model.num_classes = 1000
-    c.model.routing.kind = "dtr"
-    c.model.routing.beta = 0.8
-    c.model.routing.alpha = 4.0
-    c.diffusion.schedule = "linear"
-    c.optimizer.learning_rate = 1e-4
-    c.optimizer.weight_decay = 0.0
-    c.optimizer.ema_decay = 0.9999
-    c.data.name = "synthetic"  # until the ImageNet latent source lands (ROADMAP 3)
-    c.data.flip = True
-    c.sample.num_steps = 250
-    c.sample.cfg_scale = 1.5
-    c.sample.decoder = "sd_vae"  # registered by the VAE (ROADMAP 3); 'latents' saves raw latents
-    return c
-
-
 def load_config(path: str, **overrides) -> ml_collections.ConfigDict:
     """get_config() of a config file, with dotted-name overrides applied
     (load_config("configs/digits.py", **{"model.depth": 2}))."""
-    import importlib.util
-
     spec = importlib.util.spec_from_file_location("_dtr_config", path)
     if spec is None or not path.endswith(".py"):
         raise ValueError(f"config file {path!r} is not a Python file with get_config()")
@@ -174,194 +151,149 @@ def load_config(path: str, **overrides) -> ml_collections.ConfigDict:
     return config
 
 
-# --- validation ---------------------------------------------------------------
-
-
-def _choice(problems, field, value, allowed):
-    if value not in allowed:
-        problems.append(f"{field}={value!r} is unknown: allowed {list(allowed)}")
-
-
-def _positive(problems, field, value, allow_zero=False):
-    ok = isinstance(value, int) and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        problems.append(
-            f"{field}={value!r} must be a {'non-negative' if allow_zero else 'positive'} integer"
-        )
-
-
-def _check_model(c, problems):
-    m = c.model
-    r = m.routing
-    _choice(problems, "model.routing.kind", r.kind, routing.KINDS)
-    if not 0.0 < r.beta <= 1.0:
-        problems.append(f"model.routing.beta={r.beta!r} must lie in (0, 1]")
-    if not r.alpha > 0.0:
-        problems.append(f"model.routing.alpha={r.alpha!r} must be > 0")
-    _choice(problems, "model.dtype", m.dtype, DTYPES)
-    if not 0.0 <= m.class_dropout_prob < 1.0:
-        problems.append(f"model.class_dropout_prob={m.class_dropout_prob!r} must lie in [0, 1)")
-    if m.name not in MODEL_NAMES:
-        problems.append(f"model.name={m.name!r} is unknown: allowed {list(MODEL_NAMES)}")
-        return
-    arch = model_architecture(m)
-    sizes: list[str] = []
-    for f in ("depth", "hidden_size", "num_heads", "patch_size"):
-        _positive(sizes, f"model.{f}", arch[f])
-    for f in ("input_size", "in_channels", "num_classes"):
-        _positive(sizes, f"model.{f}", m[f])
-    problems += sizes
-    if sizes:
-        return  # the checks below divide by these sizes
-    if arch["hidden_size"] % arch["num_heads"]:
-        problems.append(
-            f"model.hidden_size={arch['hidden_size']} is not divisible by "
-            f"model.num_heads={arch['num_heads']}"
-        )
-    if arch["hidden_size"] % 4:
-        problems.append(
-            f"model.hidden_size={arch['hidden_size']} must be a multiple of 4 "
-            "(2-D sin-cos position embedding)"
-        )
-    if m.input_size % arch["patch_size"]:
-        problems.append(
-            f"model.input_size={m.input_size} is not divisible by "
-            f"model.patch_size={arch['patch_size']}"
-        )
-    if 0.0 < r.beta <= 1.0 and routing.active_channels(arch["hidden_size"], r.beta) < 1:
-        problems.append(
-            f"model.routing.beta={r.beta!r} leaves no active channel of "
-            f"hidden_size={arch['hidden_size']}"
-        )
-
-
-def _check_training(c, num_devices, problems):
-    from dtr_jax import weighting  # local: weighting imports jax/optax
-
-    for f in ("num_train_steps", "global_batch_size", "log_every_steps", "checkpoint_every_steps"):
-        _positive(problems, f, c[f])
-    for f in ("sample_every_steps", "eval_every_steps", "profile_steps"):
-        _positive(problems, f, c[f], allow_zero=True)
-    _choice(problems, "diffusion.schedule", c.diffusion.schedule, SCHEDULES)
-    _positive(problems, "diffusion.num_timesteps", c.diffusion.num_timesteps)
-    o = c.optimizer
-    if not o.learning_rate > 0:
-        problems.append(f"optimizer.learning_rate={o.learning_rate!r} must be > 0")
-    if not 0.0 <= o.ema_decay < 1.0:
-        problems.append(f"optimizer.ema_decay={o.ema_decay!r} must lie in [0, 1)")
-    if o.weight_decay < 0 or o.grad_clip < 0:
-        problems.append("optimizer.weight_decay and optimizer.grad_clip must be >= 0")
-    _positive(problems, "optimizer.warmup_steps", o.warmup_steps, allow_zero=True)
-    _positive(problems, "checkpoint.max_to_keep", c.checkpoint.max_to_keep)
-    w = c.weighting
-    problems += weighting.validate(
-        w.kind,
-        gamma=w.gamma,
-        k=w.k,
-        num_clusters=w.num_clusters,
-        clustering=w.clustering,
-        global_batch_size=c.global_batch_size,
-        num_timesteps=c.diffusion.num_timesteps,
-    )
-    shards = data_shards(c.mesh, num_devices)
-    if shards and isinstance(c.global_batch_size, int) and c.global_batch_size % shards:
-        problems.append(
-            f"global_batch_size={c.global_batch_size} is not divisible by the "
-            f"{shards} data shards (mesh.data x mesh.fsdp on {num_devices} devices)"
-        )
-
-
-def mesh_shape(mesh, num_devices: int) -> tuple[int, int] | None:
-    """(data, fsdp) with -1 resolved, or None if the config does not fit."""
-    data, fsdp = mesh.data, mesh.fsdp
-    if fsdp == -1 and data == -1:
-        return None
-    if data == -1:
-        data = num_devices // fsdp if fsdp > 0 else 0
-    if fsdp == -1:
-        fsdp = num_devices // data if data > 0 else 0
-    if data <= 0 or fsdp <= 0 or data * fsdp != num_devices:
-        return None
-    return data, fsdp
-
-
-def data_shards(mesh, num_devices: int) -> int | None:
-    shape = mesh_shape(mesh, num_devices)
-    return None if shape is None else shape[0] * shape[1]
-
-
-def _check_mesh(mesh, num_devices, problems):
-    if mesh_shape(mesh, num_devices) is None:
-        problems.append(
-            f"mesh.data={mesh.data} x mesh.fsdp={mesh.fsdp} does not fit "
-            f"{num_devices} devices: the product must equal the device count "
-            "(at most one of them may be -1, meaning 'the rest')"
-        )
-
-
-def _check_sampling(c, problems):
-    s = c.sample
-    _choice(problems, "sample.sampler", s.sampler, SAMPLERS)
-    _positive(problems, "sample.num_steps", s.num_steps)
-    if isinstance(s.num_steps, int) and s.num_steps > c.diffusion.num_timesteps:
-        problems.append(
-            f"sample.num_steps={s.num_steps} exceeds "
-            f"diffusion.num_timesteps={c.diffusion.num_timesteps}"
-        )
-    if s.cfg_scale < 1.0:
-        problems.append(f"sample.cfg_scale={s.cfg_scale!r} must be >= 1 (1 = no guidance)")
-    _positive(problems, "sample.num_samples", s.num_samples)
-    _positive(problems, "sample.batch_size", s.batch_size)
-    try:
-        labels = parse_labels(s.labels)
-    except ValueError:
-        problems.append(f"sample.labels={s.labels!r} must be '' or comma-separated integers")
-    else:
-        bad = [y for y in labels if not 0 <= y < c.model.num_classes]
-        if bad:
-            problems.append(
-                f"sample.labels has {bad}: labels must lie in "
-                f"[0, model.num_classes={c.model.num_classes})"
-            )
-
-
 def parse_labels(text: str) -> list[int]:
+    """`sample.labels` ('3' or '0,1,2'; '' = none chosen) as integers."""
     return [int(v) for v in str(text).split(",") if v.strip()]
+
+
+# --- what the params mean ---------------------------------------------------------------
+
+
+def model_spec(config) -> dict:
+    """The model the params belong to: architecture, routing and diffusion (JSON types).
+
+    Enough to rebuild the model and its tables (`inference.build`); exports store it.
+    """
+    m, r, d = config.model, config.model.routing, config.diffusion
+    arch = {k: int(v) for k, v in model_architecture(m).items()}
+    return dict(
+        model=dict(
+            name=str(m.name),
+            **arch,
+            mlp_ratio=float(DiT.mlp_ratio),
+            input_size=int(m.input_size),
+            in_channels=int(m.in_channels),
+            num_classes=int(m.num_classes),
+            learn_sigma=bool(m.learn_sigma),
+        ),
+        routing=dict(kind=str(r.kind), beta=float(r.beta), alpha=float(r.alpha), seed=int(r.seed)),
+        diffusion=dict(schedule=str(d.schedule), num_timesteps=int(d.num_timesteps)),
+    )
+
+
+def signature(config) -> dict:
+    """Everything that changes what a checkpoint's state means: the model spec, and the
+    timestep clusters the UW log-variances belong to."""
+    w = config.weighting
+    uw = dict(num_clusters=int(w.num_clusters), clustering=str(w.clustering))
+    return dict(model_spec(config), uw=uw if w.kind == "uw" else None)
+
+
+def flat_fields(config) -> dict:
+    """{'model.routing.beta': 0.8, ...}: every field by its dotted name (JSON-friendly)."""
+    flat = traverse_util.flatten_dict(config.to_dict(), sep=".")
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
+
+
+# --- validation ---------------------------------------------------------------------------
 
 
 def validate(config, num_devices: int, mode: str = "train") -> None:
     """Raises ConfigError listing every invalid field; returns None if all is well.
 
-    `mode` is the --mode: training checks more (optimizer, data, weighting, ...).
+    Each `--mode` checks what it uses: all check the model, diffusion, sampling
+    and mesh; training adds the loop, optimizer, weighting, data and checkpoint
+    fields; evaluation adds the evaluators and their files.
     """
-    from dtr_jax.data import validate_data  # local: avoid an import cycle
-    from dtr_jax.evaluate import validate_eval
-
-    problems: list[str] = []
-    _check_model(config, problems)
-    _check_sampling(config, problems)
-    _check_mesh(config.mesh, num_devices, problems)
+    if mode not in MODES:
+        raise ConfigError([f"--mode={mode!r} is unknown: allowed {list(MODES)}"])
+    c = config
+    m, r = c.model, c.model.routing
+    found = _named("model", c, models.problems(m))
+    channels = None if found else model_architecture(m)["hidden_size"]
+    found += _named("model.routing", c, routing.problems(r.kind, r.beta, r.alpha, channels))
+    d = c.diffusion
+    found += _named("diffusion", c, diffusion.problems(d.schedule, d.num_timesteps))
+    found += _named("mesh", c, sharding.problems(c.mesh.data, c.mesh.fsdp, num_devices))
+    found += _named("sample", c, _sampling_problems(c))
     if mode == "train":
-        _check_training(config, num_devices, problems)
-        problems += validate_data(config)
-        if config.eval_every_steps:
-            problems += validate_eval(config)
-    if problems:
-        raise ConfigError(problems)
+        found += _training_problems(c, num_devices)
+    if mode in ("train", "evaluate"):
+        found += _data_problems(c)
+    if mode == "evaluate" or (mode == "train" and c.eval_every_steps):
+        found += _eval_problems(c, sampling=mode == "train" or not c.eval.samples)
+    raise_problems(found)
 
 
-def model_signature(config) -> dict:
-    """What a checkpoint's parameters depend on; a resumed run must match it."""
-    m = config.model
-    arch = model_architecture(m)
-    return dict(
-        name=m.name,
-        **arch,
-        input_size=m.input_size,
-        in_channels=m.in_channels,
-        num_classes=m.num_classes,
-        learn_sigma=m.learn_sigma,
-        routing=dict(m.routing),
-        num_timesteps=config.diffusion.num_timesteps,
-        uw_clusters=config.weighting.num_clusters if config.weighting.kind == "uw" else 0,
+def _named(section: str, c, problems: list[str]) -> list[str]:
+    """`problems` of config section `section` ('model.routing'), every field of that
+    section they mention named by its full path."""
+    node = c
+    for part in section.split("."):
+        node = node[part]
+    return prefixed(section + ".", problems, fields=node.keys())
+
+
+def _sampling_problems(c) -> list[str]:
+    s = c.sample
+    found = diffusion.sampling_problems(
+        s.sampler, s.num_steps, s.ddim_eta, c.diffusion.num_timesteps
     )
+    found += decoders.DECODERS.problems(s.decoder)
+    if s.cfg_scale < 1.0:
+        found.append(f"cfg_scale={s.cfg_scale!r} must be >= 1 (1 = no guidance)")
+    for name in ("num_samples", "batch_size", "grid_per_class"):
+        found += integer_problems(name, s[name])
+    try:
+        labels = parse_labels(s.labels)
+    except ValueError:
+        return found + [f"labels={s.labels!r} must be '' or comma-separated integers"]
+    bad = [y for y in labels if not 0 <= y < c.model.num_classes]
+    if bad:
+        found.append(
+            f"labels has {bad}: labels must lie in [0, model.num_classes={c.model.num_classes})"
+        )
+    return found
+
+
+def _training_problems(c, num_devices: int) -> list[str]:
+    found = []
+    for name in ("num_train_steps", "global_batch_size", "log_every_steps", "checkpoint_every_steps"):
+        found += integer_problems(name, c[name])
+    for name in ("sample_every_steps", "eval_every_steps", "profile_steps"):
+        found += integer_problems(name, c[name], allow_zero=True)
+    found += sharding.batch_problems(
+        "global_batch_size", c.global_batch_size, c.mesh.data, c.mesh.fsdp, num_devices
+    )
+    found += _named("optimizer", c, optimizer.problems(c.optimizer))
+    w = c.weighting
+    found += _named(
+        "weighting",
+        c,
+        weighting.problems(
+            w.kind,
+            gamma=w.gamma,
+            k=w.k,
+            num_clusters=w.num_clusters,
+            clustering=w.clustering,
+            global_batch_size=c.global_batch_size,
+            num_timesteps=c.diffusion.num_timesteps,
+        ),
+    )
+    found += _named("checkpoint", c, integer_problems("max_to_keep", c.checkpoint.max_to_keep))
+    return found
+
+
+def _data_problems(c) -> list[str]:
+    d, m = c.data, c.model
+    shape = (m.input_size, m.input_size, m.in_channels)
+    return _named("data", c, data.problems(d.name, shape, m.num_classes, d.prefetch, d.num_threads))
+
+
+def _eval_problems(c, sampling: bool) -> list[str]:
+    """The evaluators and their files; `sampling`: fresh samples will be evaluated."""
+    found = _named("eval", c, evaluators.problems(c.eval, evaluators.select(c)))
+    decoder = c.sample.decoder
+    if sampling and decoder in decoders.DECODERS and not decoders.gives_images(decoder):
+        found.append(f"sample.decoder={decoder!r} does not give images to evaluate")
+    return found

@@ -22,8 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dtr_jax.errors import choice_problems, integer_problems
+
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 SCHEDULES = ("linear", "cosine")
+SAMPLERS = ("ddpm", "ddim")
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -76,6 +79,23 @@ def space_timesteps(num_timesteps: int, section_counts: int | str | Sequence[int
         steps += [start + round(j * stride) for j in range(count)]  # ADM: cur_idx += stride
         start += size
     return sorted(set(steps))
+
+
+def problems(schedule: str, num_timesteps: int) -> list[str]:
+    """Problems with a diffusion section, each naming its field."""
+    return choice_problems("schedule", schedule, SCHEDULES) + integer_problems(
+        "num_timesteps", num_timesteps
+    )
+
+
+def sampling_problems(sampler: str, num_steps: int, ddim_eta: float, num_timesteps: int) -> list[str]:
+    """Problems with the sampler settings of a process of `num_timesteps` steps."""
+    out = choice_problems("sampler", sampler, SAMPLERS) + integer_problems("num_steps", num_steps)
+    if isinstance(num_steps, int) and isinstance(num_timesteps, int) and num_steps > num_timesteps:
+        out.append(f"num_steps={num_steps} exceeds the {num_timesteps} diffusion timesteps")
+    if not ddim_eta >= 0.0:
+        out.append(f"ddim_eta={ddim_eta!r} must be >= 0")
+    return out
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -157,7 +177,6 @@ class GaussianDiffusion:
             timestep_map=tmap,
             alphas_cumprod=ac,
             alphas_cumprod_prev=ac_prev,
-            alphas_cumprod_next=np.append(ac[1:], 0.0),
             sqrt_alphas_cumprod=np.sqrt(ac),
             sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - ac),
             log_one_minus_alphas_cumprod=np.log(1.0 - ac),
@@ -189,7 +208,11 @@ class GaussianDiffusion:
         diff = cls(get_betas(schedule, num_timesteps), learn_sigma=learn_sigma)
         if timestep_respacing is None or timestep_respacing == "":
             return diff
-        return diff.respace(space_timesteps(num_timesteps, timestep_respacing))
+        return diff.respaced(timestep_respacing)
+
+    def respaced(self, section_counts: int | str | Sequence[int]) -> GaussianDiffusion:
+        """This process respaced by ADM `space_timesteps` (e.g. 250 or "ddim50")."""
+        return self.respace(space_timesteps(self.num_timesteps, section_counts))
 
     def respace(self, use_timesteps: Sequence[int]) -> GaussianDiffusion:
         """ADM `SpacedDiffusion`: keep the steps `use_timesteps` (indices of this process)."""
@@ -308,7 +331,9 @@ class GaussianDiffusion:
         return jnp.where(t == 0, nll, kl) / math.log(2.0)
 
     def training_losses(self, model_fn: ModelFn, x_start, t, noise) -> dict:
-        """Hybrid loss (ADM LossType.MSE with learned sigma, as DiT): loss = mse + vb.
+        """Per-sample terms (B,) of the hybrid loss (ADM LossType.MSE with learned sigma,
+        as DiT): `mse` (eps) and `vb` (variance; 0 without learned sigma). Their
+        weighting is `dtr_jax.weighting`'s.
 
         `t` indexes this process; the model is called once with the original timestep.
         """
@@ -320,9 +345,27 @@ class GaussianDiffusion:
         else:  # Stop-gradient on the mean: the VB term only trains the variance.
             frozen = jnp.concatenate([jax.lax.stop_gradient(eps), v], axis=-1)
             vb = self.vb_terms_bpd(frozen, x_start, x_t, t)
-        return dict(loss=mse + vb, mse=mse, vb=vb)
+        return dict(mse=mse, vb=vb)
 
     # ---------------------------------------------------------------- samplers
+
+    def sample(
+        self,
+        model_fn: ModelFn,
+        shape,
+        rng,
+        *,
+        sampler: str = "ddpm",
+        eta: float = 0.0,
+        clip_denoised: bool = False,
+        x_T=None,
+    ) -> jax.Array:
+        """x_0 by the named sampler (one of SAMPLERS; `eta` is DDIM's)."""
+        if sampler == "ddim":
+            return self.ddim_sample(model_fn, shape, rng, eta, clip_denoised, x_T)
+        if sampler == "ddpm":
+            return self.ddpm_sample(model_fn, shape, rng, clip_denoised, x_T)
+        raise ValueError(choice_problems("sampler", sampler, SAMPLERS)[0])
 
     def _sample_loop(self, step, shape, rng, x_T):
         """Run `step(x, t, rng) -> x` for t = T-1 .. 0 under lax.fori_loop."""

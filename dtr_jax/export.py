@@ -35,10 +35,9 @@ from flax import traverse_util
 from safetensors import numpy as st_numpy
 
 import dtr_jax
-from dtr_jax import checkpoint, routing, sample, sharding
-from dtr_jax import config as config_lib
-from dtr_jax.diffusion import GaussianDiffusion
-from dtr_jax.models import DiT, create_dit, model_architecture
+from dtr_jax import config as config_lib, files, inference, routing, sharding
+from dtr_jax.diffusion import GaussianDiffusion, sampling_problems
+from dtr_jax.models import DiT
 
 FORMAT = "dtr_jax.export"
 FORMAT_VERSION = 1
@@ -53,29 +52,14 @@ CUSTOM = "custom"  # routing kind of tables that exist only in the export (no sp
 
 
 def spec_from_config(config, step: int | None = None, use_ema: bool = True) -> dict:
-    """The model.json of an export of `config`'s model (JSON types only)."""
-    m, r, s = config.model, config.model.routing, config.sample
-    arch = model_architecture(m)
-    model = {k: int(v) for k, v in arch.items()}
-    model.update(
-        name=str(m.name),
-        mlp_ratio=float(DiT.mlp_ratio),
-        input_size=int(m.input_size),
-        in_channels=int(m.in_channels),
-        num_classes=int(m.num_classes),
-        class_dropout_prob=float(m.class_dropout_prob),
-        learn_sigma=bool(m.learn_sigma),
-    )
+    """The model.json of an export of `config`'s model (JSON types only): the model spec
+    (`config.model_spec`) with the sampling defaults and where the params come from."""
+    s = config.sample
     return dict(
         format=FORMAT,
         format_version=FORMAT_VERSION,
         dtr_jax_version=dtr_jax.__version__,
-        model=model,
-        routing=dict(kind=str(r.kind), beta=float(r.beta), alpha=float(r.alpha), seed=int(r.seed)),
-        diffusion=dict(
-            schedule=str(config.diffusion.schedule),
-            num_timesteps=int(config.diffusion.num_timesteps),
-        ),
+        **config_lib.model_spec(config),
         sampling=dict(
             num_steps=int(s.num_steps),
             cfg_scale=float(s.cfg_scale),
@@ -88,42 +72,9 @@ def spec_from_config(config, step: int | None = None, use_ema: bool = True) -> d
     )
 
 
-def _model(spec: dict, dtype: str = "float32") -> DiT:
-    m = dict(spec["model"])
-    return create_dit(m.pop("name"), dtype=dtype, **m)
-
-
-def _diffusion(spec: dict) -> GaussianDiffusion:
-    d = spec["diffusion"]
-    return GaussianDiffusion.create(
-        d["schedule"], d["num_timesteps"], learn_sigma=spec["model"]["learn_sigma"]
-    )
-
-
-def _spec_tables(spec: dict) -> np.ndarray | None:
-    """The tables the routing spec rebuilds (None for 'none' and 'custom')."""
-    r, m = spec["routing"], spec["model"]
-    if r["kind"] in ("none", CUSTOM):
-        return None
-    return routing.model_tables(
-        r["kind"],
-        spec["diffusion"]["num_timesteps"],
-        m["hidden_size"],
-        m["depth"],
-        r["beta"],
-        r["alpha"],
-        r["seed"],
-    )
-
-
-def _param_shapes(model: DiT) -> dict[str, tuple]:
+def _param_shapes(dm: inference.DiffusionModel) -> dict[str, tuple]:
     """{'blocks_0.attn.qkv.kernel': shape} of the model's params, from eval_shape only."""
-    x = jax.ShapeDtypeStruct(
-        (1, model.input_size, model.input_size, model.in_channels), jnp.float32
-    )
-    t = jax.ShapeDtypeStruct((1,), jnp.int32)
-    boxed = jax.eval_shape(model.init, jax.random.key(0), x, t, t)["params"]
-    return {k: v.shape for k, v in _flatten(nn.unbox(boxed)).items()}
+    return {k: v.shape for k, v in _flatten(nn.unbox(dm.abstract_params())).items()}
 
 
 def _flatten(tree) -> dict:
@@ -174,20 +125,21 @@ def export(params, config, out_dir: str, tables=None, step: int | None = None) -
     process 0 writes. Returns `out_dir`.
     """
     spec = spec_from_config(config, step, use_ema=config.export.use_ema)
+    dm = inference.build(spec)
     flat = {k: np.asarray(v, np.float32) for k, v in _flatten(_host(params)).items()}
-    _check_params(flat, _param_shapes(_model(spec)), "params passed to export", "of the config")
-    tables = _resolve_tables(tables, spec)
+    _check_params(flat, _param_shapes(dm), "params passed to export", "of the config")
+    tables = _resolve_tables(tables, dm.tables, spec)
     if tables is not None:
         flat[TABLES_KEY] = tables
     tree = traverse_util.unflatten_dict({k: v for k, v in flat.items() if k != TABLES_KEY}, sep=".")
-    files = {
+    contents = {
         MSGPACK: lambda: flax.serialization.to_bytes(tree),
         SAFETENSORS: lambda: st_numpy.save(flat, metadata={"format": FORMAT}),
         JSON: lambda: (json.dumps(spec, indent=2, sort_keys=True) + "\n").encode(),
     }
     if jax.process_index() == 0:
-        write = _write_remote if checkpoint.is_remote(out_dir) else _write_local
-        write(out_dir, files)
+        write = _write_remote if files.is_remote(out_dir) else _write_local
+        write(out_dir, contents)
         logging.info("Exported %s params (step %s) to %s", spec["params"], step, out_dir)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
@@ -200,9 +152,9 @@ def _host(params):
     return jax.device_get(nn.unbox(params))
 
 
-def _resolve_tables(tables, spec: dict) -> np.ndarray | None:
-    """The tables to store; marks the spec 'custom' when they are not the spec's own."""
-    rebuilt = _spec_tables(spec)
+def _resolve_tables(tables, rebuilt, spec: dict) -> np.ndarray | None:
+    """The tables to store; marks the spec 'custom' when they are not the spec's own
+    (`rebuilt`)."""
     if tables is None:
         return rebuilt
     tables = _check_tables(tables, spec, "tables passed to export")
@@ -216,7 +168,7 @@ def _resolve_tables(tables, spec: dict) -> np.ndarray | None:
     return tables
 
 
-def _write_local(out_dir: str, files: dict[str, Callable[[], bytes]]) -> None:
+def _write_local(out_dir: str, contents: dict[str, Callable[[], bytes]]) -> None:
     """Writes into a temporary sibling, then swaps it in; the old export goes last."""
     out = os.path.abspath(out_dir)
     _check_replaceable(out)
@@ -224,7 +176,7 @@ def _write_local(out_dir: str, files: dict[str, Callable[[], bytes]]) -> None:
     tmp = _sibling(out, "tmp")
     os.mkdir(tmp)  # unlike mkdtemp's 0700, honours the umask
     try:
-        for filename, make in files.items():
+        for filename, make in contents.items():
             with open(os.path.join(tmp, filename), "wb") as f:
                 f.write(make())
         _swap_in(tmp, out)
@@ -263,24 +215,21 @@ def _swap_in(tmp: str, out: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_remote(out_dir: str, files: dict[str, Callable[[], bytes]]) -> None:
+def _write_remote(out_dir: str, contents: dict[str, Callable[[], bytes]]) -> None:
     """Remote stores (gs://) have no directory rename: each file is replaced atomically."""
     epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
-    for filename, make in files.items():
-        checkpoint.write_atomically(str(epath.Path(out_dir) / filename), make())
+    for filename, make in contents.items():
+        files.write_atomically(str(epath.Path(out_dir) / filename), make())
 
 
 def export_mode(config, workdir: str) -> str:
     """--mode export: WORKDIR's latest EMA (or raw) params -> export.dir (or WORKDIR/export)."""
-    from dtr_jax import train  # local: train pulls in the data pipeline
-
     config_lib.validate(config, jax.device_count(), mode="export")
     mesh = sharding.make_mesh(config.mesh)
-    task, params, step = train.restore_params(
-        config, workdir, mesh, use_ema=bool(config.export.use_ema)
-    )
-    out_dir = config.export.dir or str(checkpoint.workdir_path(workdir) / "export")
-    return export(sample.host_gather(params), config, out_dir, tables=task.tables, step=step)
+    use_ema = bool(config.export.use_ema)
+    dm, params, step = inference.restore_params(config, workdir, mesh, use_ema=use_ema)
+    out_dir = config.export.dir or str(files.resolve(workdir) / "export")
+    return export(sharding.host_gather(params), config, out_dir, tables=dm.tables, step=step)
 
 
 # --- loading ---------------------------------------------------------------------------
@@ -288,14 +237,25 @@ def export_mode(config, workdir: str) -> str:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Exported:
-    """A loaded export: the DiT, its params (on device), routing tables, diffusion and spec."""
+    """A loaded export: the DiT with its routing tables and diffusion, its params (on
+    device) and its spec (model.json)."""
 
-    model: DiT
+    dm: inference.DiffusionModel
     params: Any
-    tables: np.ndarray | None
-    diffusion: GaussianDiffusion
     spec: dict
     _cache: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    @property
+    def model(self) -> DiT:
+        return self.dm.model
+
+    @property
+    def tables(self) -> np.ndarray | None:
+        return self.dm.tables
+
+    @property
+    def diffusion(self) -> GaussianDiffusion:
+        return self.dm.diffusion
 
     def apply(self, x, t, y):
         """Model output (B, H, W, out_channels) for NHWC x, timesteps t (B,) and labels y (B,)."""
@@ -311,28 +271,24 @@ class Exported:
         """Images (N, H, W, C) for labels (N,), in the model's input scale; defaults from
         the spec's sampling section. `rng` is a seed (int) or a jax PRNG key."""
         s = self.spec["sampling"]
-        cfg = types.SimpleNamespace(
+        settings = types.SimpleNamespace(
             num_steps=int(s["num_steps"] if num_steps is None else num_steps),
             cfg_scale=float(s["cfg_scale"] if cfg_scale is None else cfg_scale),
             sampler=sampler or s["sampler"],
             ddim_eta=s["ddim_eta"],
             clip_denoised=s["clip_denoised"],
         )
-        self._check_sampling(cfg)
-        key = (cfg.num_steps, cfg.cfg_scale, cfg.sampler)
+        found = sampling_problems(
+            settings.sampler, settings.num_steps, settings.ddim_eta, self.diffusion.num_timesteps
+        )
+        if found:
+            raise ValueError("; ".join(found))
+        key = (settings.num_steps, settings.cfg_scale, settings.sampler)
         if key not in self._cache:
-            self._cache[key] = jax.jit(sample.sample_fn(self.model, self.diffusion, cfg))
+            self._cache[key] = jax.jit(inference.sample_fn(self.dm, settings))
         rng = jax.random.key(rng) if isinstance(rng, (int, np.integer)) else rng
         labels = jnp.asarray(labels, jnp.int32)
         return np.asarray(self._cache[key](self.params, labels, self._device_tables(), rng))
-
-    def _check_sampling(self, cfg) -> None:
-        if cfg.sampler not in config_lib.SAMPLERS:
-            raise ValueError(f"sampler={cfg.sampler!r} is unknown: allowed {config_lib.SAMPLERS}")
-        if not 1 <= cfg.num_steps <= self.diffusion.num_timesteps:
-            raise ValueError(
-                f"num_steps={cfg.num_steps} must lie in [1, {self.diffusion.num_timesteps}]"
-            )
 
     def _device_tables(self):
         if self.tables is None:
@@ -351,17 +307,17 @@ def load(path: str, dtype: str = "float32") -> Exported:
     """
     json_path, params_path = _locate(path)
     spec = _read_spec(json_path)
-    model = _model(spec, dtype)
+    dm = inference.build(spec, dtype)
     flat, tables = _read_params(params_path, json_path)
-    _check_params(flat, _param_shapes(model), f"params in {params_path}", f"in {json_path}")
-    tables = _final_tables(spec, tables, json_path, params_path)
+    _check_params(flat, _param_shapes(dm), f"params in {params_path}", f"in {json_path}")
+    tables = _final_tables(spec, dm.tables, tables, json_path, params_path)
     params = jax.device_put(traverse_util.unflatten_dict(flat, sep="."))
-    return Exported(model, params, tables, _diffusion(spec), spec)
+    return Exported(dataclasses.replace(dm, tables=tables), params, spec)
 
 
 def _locate(path: str) -> tuple[epath.Path, epath.Path]:
     """(model.json, params file) of the export at `path`."""
-    p = checkpoint.workdir_path(path)
+    p = files.resolve(path)
     root, chosen = p, None
     if p.is_file():
         root = p.parent
@@ -410,7 +366,7 @@ def _read_params(params_path: epath.Path, json_path: epath.Path):
 
 
 def _read_safetensors(path: epath.Path) -> dict:
-    if checkpoint.is_remote(str(path)):
+    if files.is_remote(str(path)):
         return st_numpy.load(path.read_bytes())
     return st_numpy.load_file(str(path))
 
@@ -419,18 +375,18 @@ def _stored_tables(path: epath.Path) -> np.ndarray | None:
     """Only the routing tables of a model.safetensors (None if absent)."""
     if not path.is_file():
         return None
-    if checkpoint.is_remote(str(path)):
+    if files.is_remote(str(path)):
         return _read_safetensors(path).get(TABLES_KEY)
     with safetensors.safe_open(str(path), framework="numpy") as f:
         return f.get_tensor(TABLES_KEY) if TABLES_KEY in f.keys() else None
 
 
-def _final_tables(spec, stored, json_path, params_path) -> np.ndarray | None:
-    """Stored tables if present (they must agree with the routing spec), else rebuilt."""
+def _final_tables(spec, rebuilt, stored, json_path, params_path) -> np.ndarray | None:
+    """Stored tables if present (they must agree with the routing spec, whose tables
+    are `rebuilt`), else the rebuilt ones."""
     kind = spec["routing"]["kind"]
     if kind not in routing.KINDS + (CUSTOM,):
         raise ValueError(f"{json_path}: routing kind={kind!r} is unknown")
-    rebuilt = _spec_tables(spec)
     if stored is None:
         if kind == CUSTOM:
             raise ValueError(

@@ -11,6 +11,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from dtr_jax import modes
+from dtr_jax.errors import DtrError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file with get_config().", lock_config=True)
@@ -22,12 +23,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     del argv
     modes.setup_process()
-    from dtr_jax.config import ConfigError
-
     try:
         modes.run(FLAGS.mode, FLAGS.config, FLAGS.workdir)
-    except ConfigError as e:
-        sys.exit(f"dtr_jax: {e}")  # exit status 1, the problems on stderr, no traceback
+    except DtrError as e:  # anticipated: the message on stderr, no traceback
+        print(f"dtr_jax: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":

@@ -8,11 +8,15 @@ import os
 
 from absl import logging
 
-MODES = ("train", "sample", "evaluate", "export")
+from dtr_jax import config as config_lib
+
+MODES = config_lib.MODES
 
 
 def run(mode: str, config, workdir: str):
-    # Imported lazily: each mode pulls in only what it needs.
+    """Runs `--mode` on `config` and `workdir`; returns what the mode returns."""
+    # Imported on demand: training pulls in clu, grain and TensorBoard's writer, which the
+    # other modes never use.
     if mode == "train":
         from dtr_jax.train import train_and_evaluate as fn
     elif mode == "sample":

@@ -3,7 +3,8 @@
 A routing table is a (T, C) array of 0/1: row t is the channel mask of the
 denoising task at timestep t. Tables are plain numpy constants computed once,
 held outside the model parameters and gathered per sample inside the jitted
-model (see `dtr_jax.models.dit`).
+model (see `dtr_jax.models.dit`). `route` applies a gathered mask to any
+residual block, so every routed architecture routes the same way.
 """
 
 from __future__ import annotations
@@ -13,21 +14,32 @@ import numpy as np
 KINDS = ("none", "dtr", "random")
 
 
-def _check(kind: str, num_tasks: int, channels: int, beta: float, alpha: float) -> None:
-    if kind not in KINDS:
-        raise ValueError(f"routing kind={kind!r} is unknown: allowed {KINDS}")
+def problems(
+    kind: str, beta: float, alpha: float, channels: int | None = None, num_tasks: int | None = None
+) -> list[str]:
+    """Problems with routing arguments, each naming its argument ([] if all is well).
+    `channels` and `num_tasks` are checked when given."""
+    out = [] if kind in KINDS else [f"kind={kind!r} is unknown: allowed {list(KINDS)}"]
     for name, value in (("num_tasks", num_tasks), ("channels", channels)):
-        if not isinstance(value, (int, np.integer)) or value <= 0:
-            raise ValueError(f"routing {name}={value!r} must be a positive integer")
+        if value is not None and (not isinstance(value, (int, np.integer)) or value <= 0):
+            out.append(f"{name}={value!r} must be a positive integer")
     if not 0.0 < beta <= 1.0:
-        raise ValueError(f"routing beta={beta!r} must lie in (0, 1]")
+        out.append(f"beta={beta!r} must lie in (0, 1]")
+    elif isinstance(channels, (int, np.integer)) and channels > 0:
+        if active_channels(channels, beta) < 1:
+            out.append(
+                f"beta={beta!r} leaves no active channel out of {channels}: "
+                "beta * channels must be >= 1"
+            )
     if not alpha > 0.0:
-        raise ValueError(f"routing alpha={alpha!r} must be > 0")
-    if active_channels(channels, beta) < 1:
-        raise ValueError(
-            f"routing beta={beta!r} leaves no active channel out of "
-            f"channels={channels}: beta * channels must be >= 1"
-        )
+        out.append(f"alpha={alpha!r} must be > 0")
+    return out
+
+
+def _check(kind: str, num_tasks: int, channels: int, beta: float, alpha: float) -> None:
+    found = problems(kind, beta, alpha, channels, num_tasks)
+    if found:
+        raise ValueError("routing " + "; ".join(found))
 
 
 def active_channels(channels: int, beta: float) -> int:
@@ -102,3 +114,16 @@ def model_tables(
             for i in range(depth)
         ]
     )
+
+
+def route(block, x, mask):
+    """SPEC §2: `x + Block(x * m) - x * m` for a residual block `block(h) = h + f(h)`.
+
+    The block reads only the active channels; its updates land on all C channels;
+    the inactive channels of x pass through unchanged. For a 0/1 mask, `x - x * m`
+    equals `x * (1 - m)` exactly. `mask` is None for no routing (all ones).
+    """
+    if mask is None:
+        return block(x)
+    h = x * mask
+    return block(h) + (x - h)

@@ -9,12 +9,14 @@ the model attaches to its parameters.
 
 from __future__ import annotations
 
+import contextlib
+
 import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dtr_jax.config import mesh_shape
+from dtr_jax.errors import prefixed, raise_problems
 
 AXES = ("data", "fsdp")
 BATCH = ("data", "fsdp")
@@ -38,16 +40,59 @@ RULES = (
 )
 
 
+def mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int] | None:
+    """(data, fsdp) with one -1 resolved to 'the rest', or None if it does not fit."""
+    if data == -1 and fsdp == -1:
+        return None
+    if data == -1:
+        data = num_devices // fsdp if fsdp > 0 else 0
+    if fsdp == -1:
+        fsdp = num_devices // data if data > 0 else 0
+    if data <= 0 or fsdp <= 0 or data * fsdp != num_devices:
+        return None
+    return data, fsdp
+
+
+def problems(data: int, fsdp: int, num_devices: int) -> list[str]:
+    """Problems with a mesh section on `num_devices`, each naming its field."""
+    if mesh_shape(data, fsdp, num_devices) is not None:
+        return []
+    return [
+        f"data={data} x fsdp={fsdp} does not fit {num_devices} devices: the product must "
+        "equal the device count (at most one of them may be -1, meaning 'the rest')"
+    ]
+
+
+def batch_problems(field: str, batch_size: int, data: int, fsdp: int, num_devices: int) -> list[str]:
+    """Problems with splitting the global batch `field` over the mesh's batch shards."""
+    shape = mesh_shape(data, fsdp, num_devices)
+    if shape is None or not isinstance(batch_size, int) or batch_size % (shape[0] * shape[1]) == 0:
+        return []
+    return [
+        f"{field}={batch_size} is not divisible by the {shape[0] * shape[1]} batch shards "
+        f"(mesh.data x mesh.fsdp on {num_devices} devices)"
+    ]
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh):
+    """Runs model code on `mesh`: the mesh set, and the logical-axis RULES in force."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
+        yield
+
+
 def make_mesh(mesh_config, devices=None) -> Mesh:
-    """A (data, fsdp) mesh over all devices (all hosts), -1 resolved."""
+    """A (data, fsdp) mesh over `devices` (default: all devices of all hosts), -1 resolved."""
     devices = jax.devices() if devices is None else devices
-    shape = mesh_shape(mesh_config, len(devices))
-    if shape is None:
-        raise ValueError(
-            f"mesh.data={mesh_config.data} x mesh.fsdp={mesh_config.fsdp} does not "
-            f"fit {len(devices)} devices"
-        )
+    found = problems(mesh_config.data, mesh_config.fsdp, len(devices))
+    raise_problems(prefixed("mesh.", found, fields=AXES))
+    shape = mesh_shape(mesh_config.data, mesh_config.fsdp, len(devices))
     return Mesh(np.asarray(devices).reshape(shape), AXES)
+
+
+def batch_shards(mesh: Mesh) -> int:
+    """Devices the batch is split over (data x fsdp)."""
+    return int(np.prod([mesh.shape[a] for a in BATCH]))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -79,3 +124,12 @@ def logical_shardings(boxed_tree, mesh: Mesh, rules=RULES):
         return NamedSharding(mesh, _fit(spec, np.shape(leaf), mesh))
 
     return jax.tree.map(to_sharding, mesh_specs, unboxed, is_leaf=lambda x: isinstance(x, P))
+
+
+def host_gather(tree):
+    """Brings a (possibly multi-host, sharded) pytree to every host as numpy."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils  # multi-host only
+
+    return multihost_utils.process_allgather(tree, tiled=True)

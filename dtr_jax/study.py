@@ -17,7 +17,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dtr_jax import modes
+from dtr_jax import evaluate, files, modes, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Base config (the digits default).")
@@ -32,8 +32,6 @@ METRICS = ("digits_accuracy", "digits_fd")
 
 def run_one(base, workdir: str, kind: str, seed: int, cfg_scales) -> dict:
     """Trains (or resumes) one run and evaluates it at each guidance scale."""
-    from dtr_jax import evaluate, train
-
     config = base.copy_and_resolve_references()
     config.seed = seed
     config.model.routing.kind = kind
@@ -49,8 +47,7 @@ def run_one(base, workdir: str, kind: str, seed: int, cfg_scales) -> dict:
         config.sample.cfg_scale = scale
         metrics = evaluate.evaluate_mode(config, run_dir)
         result[f"cfg{scale:g}"] = {k: metrics[k] for k in METRICS}
-    with open(done, "w") as f:
-        json.dump(result, f, indent=2)
+    files.write_atomically(done, json.dumps(result, indent=2).encode())  # the done-marker
     return result
 
 
@@ -82,10 +79,10 @@ def main(argv):
             results[f"{kind}_seed{seed}"] = run_one(FLAGS.config, FLAGS.workdir, kind, seed, scales)
             logging.info("%s seed %d: %s", kind, seed, results[f"{kind}_seed{seed}"])
     markdown = table(results, FLAGS.kinds, scales, seeds)
-    with open(os.path.join(FLAGS.workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2, sort_keys=True)
-    with open(os.path.join(FLAGS.workdir, "results.md"), "w") as f:
-        f.write(markdown)
+    out = FLAGS.workdir
+    text = json.dumps(results, indent=2, sort_keys=True)
+    files.write_atomically(os.path.join(out, "results.json"), text.encode())
+    files.write_atomically(os.path.join(out, "results.md"), markdown.encode())
     print(markdown)
 
 

@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dtr_jax.errors import choice_problems
+
 KINDS = ("constant", "min_snr", "p2", "uw")
 CLUSTERINGS = ("uniform", "snr")
 
@@ -134,14 +136,23 @@ def sample_timesteps(
 # ----------------------------------------------------------------------------- losses
 
 
+def cluster_sums(per_sample: jax.Array, cluster_ids: jax.Array, num_clusters: int):
+    """(sum of the per-sample loss, number of samples) per cluster, each (K,)."""
+    onehot = jax.nn.one_hot(cluster_ids, num_clusters, dtype=per_sample.dtype)
+    return onehot.T @ per_sample, onehot.sum(axis=0)
+
+
+def _uw_objective(sums: jax.Array, counts: jax.Array, log_vars: jax.Array):
+    """sum_k 0.5 (exp(-s_k) L_k / K + s_k) with L_k the cluster means; (loss, L (K,))."""
+    means = sums / jnp.maximum(counts, 1.0)
+    loss = jnp.sum(0.5 * (jnp.exp(-log_vars) * means / log_vars.shape[0] + log_vars))
+    return loss, means
+
+
 def uw_loss(per_sample_loss: jax.Array, cluster_ids: jax.Array, log_vars: jax.Array):
     """ANT uncertainty weighting: sum_k 0.5 (exp(-s_k) L_k / K + s_k); returns (loss, L (K,))."""
-    num_clusters = log_vars.shape[0]
-    onehot = jax.nn.one_hot(cluster_ids, num_clusters, dtype=per_sample_loss.dtype)
-    counts = onehot.sum(axis=0)
-    means = (onehot * per_sample_loss[:, None]).sum(axis=0) / jnp.maximum(counts, 1.0)
-    loss = jnp.sum(0.5 * (jnp.exp(-log_vars) * means / num_clusters + log_vars))
-    return loss, means
+    sums, counts = cluster_sums(per_sample_loss, cluster_ids, log_vars.shape[0])
+    return _uw_objective(sums, counts, log_vars)
 
 
 def combine(
@@ -156,17 +167,26 @@ def combine(
     log_vars=None,
     boundaries=None,
 ):
-    """Scalar loss and aux dict from per-sample ``mse`` and ``vb`` (B,)."""
-    if kind == "uw":
-        if log_vars is None or boundaries is None:
-            raise ValueError("weighting kind 'uw' needs log_vars and boundaries")
-        loss, means = uw_loss(mse + vb, cluster_index(t, boundaries), log_vars)
-        return loss, {"cluster_loss": means}
+    """Scalar loss and aux dict from per-sample ``mse`` and ``vb`` (B,).
+
+    With ``boundaries``, aux holds the unweighted loss summed per timestep cluster
+    (``cluster_loss_sum``) and the samples per cluster (``cluster_count``): UW's
+    objective is made of them, and training logs them.
+    """
     if kind not in KINDS:
         raise ValueError(f"unknown weighting kind {kind!r}; expected one of {KINDS}")
+    if kind == "uw" and (log_vars is None or boundaries is None):
+        raise ValueError("weighting kind 'uw' needs log_vars and boundaries")
+    aux = {}
+    if boundaries is not None:
+        sums, counts = cluster_sums(mse + vb, cluster_index(t, boundaries), len(boundaries) - 1)
+        aux = {"cluster_loss_sum": sums, "cluster_count": counts}
+    if kind == "uw":
+        loss, aux["cluster_loss"] = _uw_objective(sums, counts, log_vars)
+        return loss, aux
     snr_t = jnp.asarray(snr_table, dtype=mse.dtype)[t]
     w = mse_weight(kind, snr_t, gamma=gamma, k=k)
-    return jnp.mean(w * mse + vb), {}
+    return jnp.mean(w * mse + vb), aux
 
 
 def init_log_vars(num_clusters: int) -> jax.Array:
@@ -187,7 +207,7 @@ def _check_num_clusters(num_timesteps: int, num_clusters: int) -> None:
         raise ValueError(f"num_clusters={num_clusters} must be in [1, {num_timesteps}]")
 
 
-def validate(
+def problems(
     kind: str,
     *,
     gamma: float,
@@ -197,26 +217,22 @@ def validate(
     global_batch_size: int | None = None,
     num_timesteps: int = 1000,
 ) -> list[str]:
-    """Human-readable problems with a weighting config (empty list if fine)."""
-    problems = []
-    if kind not in KINDS:
-        problems.append(f"weighting.kind={kind!r} is unknown: expected one of {KINDS}")
-    if clustering not in CLUSTERINGS:
-        problems.append(
-            f"weighting.clustering={clustering!r} is unknown: expected one of {CLUSTERINGS}"
-        )
+    """Problems with a weighting section, each naming its field ([] if fine)."""
+    out = choice_problems("kind", kind, KINDS) + choice_problems(
+        "clustering", clustering, CLUSTERINGS
+    )
     if kind in ("min_snr", "p2") and not gamma > 0:
-        problems.append(f"weighting.gamma={gamma} must be > 0 for kind {kind!r}")
+        out.append(f"gamma={gamma} must be > 0 for kind {kind!r}")
     if kind == "p2" and not k >= 0:
-        problems.append(f"weighting.k={k} must be >= 0 for kind 'p2'")
+        out.append(f"k={k} must be >= 0 for kind 'p2'")
     if not 1 <= num_clusters <= num_timesteps:
-        problems.append(
-            f"weighting.num_clusters={num_clusters} must be in [1, {num_timesteps}] "
+        out.append(
+            f"num_clusters={num_clusters} must be in [1, {num_timesteps}] "
             f"(num_timesteps={num_timesteps})"
         )
     elif kind == "uw" and global_batch_size is not None and global_batch_size % num_clusters:
-        problems.append(
-            f"weighting.num_clusters={num_clusters} cannot stratify "
+        out.append(
+            f"num_clusters={num_clusters} cannot stratify "
             f"global_batch_size={global_batch_size}: it must divide the global batch"
         )
-    return problems
+    return out

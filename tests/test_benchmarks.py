@@ -1,6 +1,7 @@
 """The benchmark's analytic FLOP count against SPEC §3 (no timing here)."""
 
 import importlib.util
+import sys
 
 import pytest
 
@@ -11,6 +12,7 @@ from helpers import ROOT
 def _benchmark_module():
     spec = importlib.util.spec_from_file_location("train_step", ROOT / "benchmarks/train_step.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
     spec.loader.exec_module(module)
     return module
 

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from dtr_jax import sample, train
+from dtr_jax import decoders, train
 from dtr_jax.config import ConfigError
 from dtr_jax.data.sources import digits_split
 from dtr_jax.models import inception
@@ -26,7 +26,7 @@ def _eval_config(**eval_fields):
 
 def test_digits_metrics_of_real_test_digits(tmp_path):
     test = digits_split("test")
-    samples = _npz(tmp_path / "real.npz", sample.to_uint8(test.images), test.labels)
+    samples = _npz(tmp_path / "real.npz", decoders.to_uint8(test.images), test.labels)
     results = run("evaluate", _eval_config(samples=samples), str(tmp_path))
     assert results["num_samples"] == len(test.labels)
     assert results["digits_accuracy"] > 0.95  # the classifier's own test accuracy

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors import numpy as st_numpy
 
-from dtr_jax import export, routing, sharding, train
+from dtr_jax import export, inference, routing, sharding, train
 from dtr_jax.config import ConfigError
 
 import helpers
@@ -56,8 +56,8 @@ def inputs(n=6):
 def reference(config, workdir, use_ema=True):
     """The original model's output with the params restored from the checkpoint."""
     mesh = sharding.make_mesh(config.mesh)
-    task, params, _ = train.restore_params(config, workdir, mesh, use_ema=use_ema)
-    return np.asarray(task.model.apply({"params": params}, *inputs(), task.tables))
+    dm, params, _ = inference.restore_params(config, workdir, mesh, use_ema=use_ema)
+    return np.asarray(dm.model.apply({"params": params}, *inputs(), dm.tables))
 
 
 def assert_close(a, b):
@@ -205,13 +205,13 @@ def test_export_refuses_to_replace_a_directory_that_is_not_an_export(dtr_run, tm
 def test_custom_tables_are_kept_in_the_export(dtr_run, tmp_path):
     config, workdir = dtr_run
     mesh = sharding.make_mesh(config.mesh)
-    task, params, _ = train.restore_params(config, workdir, mesh)
-    tables = np.roll(task.tables, 3, axis=-1)
+    dm, params, _ = inference.restore_params(config, workdir, mesh)
+    tables = np.roll(dm.tables, 3, axis=-1)
     export.export(jax.device_get(params), config, str(tmp_path / "c"), tables=tables)
     loaded = export.load(str(tmp_path / "c"))
     assert loaded.spec["routing"]["kind"] == "custom"
     np.testing.assert_array_equal(loaded.tables, tables)
-    expected = task.model.apply({"params": params}, *inputs(), tables)
+    expected = dm.model.apply({"params": params}, *inputs(), tables)
     assert_close(loaded.apply(*inputs()), expected)
 
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dtr_jax import sample, sharding, train
+from dtr_jax import inference, sample, sharding, train
 from dtr_jax.config import ConfigError
 from dtr_jax.modes import run
 from helpers import tiny
@@ -24,9 +24,9 @@ def trained(tmp_path_factory):
 
 
 def _sampler(config, state, devices=None):
-    task = train.make_task(config)
+    dm = inference.from_config(config)
     mesh = sharding.make_mesh(config.mesh, devices or jax.devices()[:1])
-    return sample.Sampler(task, mesh, state.ema_params)
+    return sample.Sampler(dm, config.sample, mesh, state.ema_params)
 
 
 def test_sampling_is_deterministic_with_the_right_shape(trained):
@@ -51,15 +51,15 @@ def test_sampling_over_eight_devices_matches_one(trained):
 
 def test_guidance_scale_one_equals_the_conditional_model(trained):
     config, _, state = trained
-    task = train.make_task(config)
-    model, params, tables = task.model, state.params, task.tables  # raw: EMA is ~init here
+    dm = inference.from_config(config)
+    model, params, tables = dm.model, state.params, dm.tables  # raw: EMA is ~init here
     x = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
     t, y = jnp.array([0, 10, 500, 999]), jnp.array([1, 2, 3, 4])
-    conditional = sample.make_model_fn(model, params, y, tables, 1.0)(x, t)
+    conditional = inference.model_fn(model, params, y, tables, 1.0)(x, t)
     guided = model.apply(
         {"params": params}, x, t, y, tables, cfg_scale=1.0, method=type(model).guided
     )
-    unconditional = sample.make_model_fn(model, params, jnp.full_like(y, 10), tables, 1.0)(x, t)
+    unconditional = inference.model_fn(model, params, jnp.full_like(y, 10), tables, 1.0)(x, t)
     assert float(jnp.abs(conditional - unconditional).max()) > 1e-3  # labels matter
     np.testing.assert_allclose(guided, conditional, atol=1e-6)
 
@@ -85,8 +85,8 @@ SEEN = []
 def test_respaced_sampler_feeds_original_timesteps():
     SEEN.clear()
     config = tiny(**{"sample.num_steps": 250, "sample.cfg_scale": 1.0})
-    diffusion = train.make_task(config).diffusion
-    fn = sample.sample_fn(SpyModel(), diffusion, config.sample)
+    diffusion = inference.from_config(config).diffusion
+    fn = inference.sample_fn(inference.DiffusionModel(SpyModel(), None, diffusion), config.sample)
     tables = np.ones((1, 1000, 4), np.uint8)
     jax.block_until_ready(fn({}, jnp.zeros((2,), jnp.int32), tables, jax.random.key(0)))
     expected = sorted(

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dtr_jax import checkpoint, train
+from dtr_jax import checkpoint, sharding, step, train
 from dtr_jax.config import ConfigError, load_config, validate
 from helpers import DIGITS, ROOT, read_scalars, tiny
 
@@ -81,9 +81,9 @@ def test_uw_state_resumes_and_restores_onto_fewer_devices(tmp_path):
     assert read_scalars(tmp_path, "uw_weight/0")
     assert saved.uw_log_vars.shape == (8,) and np.any(np.asarray(saved.uw_log_vars) != 0)
     config = tiny(**(uw | {"mesh.data": 2, "mesh.fsdp": 1}))
-    task = train.make_task(config)
-    mesh = train.sharding.make_mesh(config.mesh, jax.devices()[:2])
-    abstract, shardings = train.state_layout(task, mesh)
+    setup = step.create_setup(config)
+    mesh = sharding.make_mesh(config.mesh, jax.devices()[:2])
+    abstract, shardings = step.state_layout(setup, mesh)
     ckpt = checkpoint.Checkpoints(str(tmp_path), read_only=True)
     restored = ckpt.restore(checkpoint.restore_target(abstract, shardings))
     assert len(restored.params["blocks_0"]["mlp"]["fc1"]["kernel"].sharding.device_set) == 2
@@ -191,9 +191,9 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     losses = read_scalars(tmp_path, "loss")
     last_finite = max(step for step, loss in losses.items() if np.isfinite(loss))
     assert ckpt.latest_step() <= last_finite < 8
-    task = train.make_task(blow_up)
-    mesh = train.sharding.make_mesh(blow_up.mesh, one)
-    abstract, shardings = train.state_layout(task, mesh)
+    setup = step.create_setup(blow_up)
+    mesh = sharding.make_mesh(blow_up.mesh, one)
+    abstract, shardings = step.state_layout(setup, mesh)
     restored = ckpt.restore(checkpoint.restore_target(abstract, shardings))
     assert all(np.isfinite(leaf).all() for leaf in leaves(restored.params))
 

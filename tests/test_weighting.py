@@ -270,7 +270,7 @@ def _ok(**kw):
     base = dict(
         kind="uw", gamma=5.0, k=1.0, num_clusters=8, clustering="uniform", global_batch_size=256
     )
-    return W.validate(**{**base, **kw})
+    return W.problems(**{**base, **kw})
 
 
 def test_validate_ok():
@@ -282,14 +282,14 @@ def test_validate_ok():
 @pytest.mark.parametrize(
     "kw, expected",
     [
-        (dict(kind="focal"), "weighting.kind='focal'"),
-        (dict(clustering="kmeans"), "weighting.clustering='kmeans'"),
-        (dict(kind="min_snr", gamma=0.0), "weighting.gamma=0.0"),
-        (dict(kind="p2", gamma=-1.0), "weighting.gamma=-1.0"),
-        (dict(kind="p2", k=-0.5), "weighting.k=-0.5"),
-        (dict(num_clusters=0), "weighting.num_clusters=0"),
-        (dict(num_clusters=1001, kind="constant"), "weighting.num_clusters=1001"),
-        (dict(global_batch_size=12), "weighting.num_clusters=8"),
+        (dict(kind="focal"), "kind='focal'"),
+        (dict(clustering="kmeans"), "clustering='kmeans'"),
+        (dict(kind="min_snr", gamma=0.0), "gamma=0.0"),
+        (dict(kind="p2", gamma=-1.0), "gamma=-1.0"),
+        (dict(kind="p2", k=-0.5), "k=-0.5"),
+        (dict(num_clusters=0), "num_clusters=0"),
+        (dict(num_clusters=1001, kind="constant"), "num_clusters=1001"),
+        (dict(global_batch_size=12), "num_clusters=8"),
     ],
 )
 def test_validate_reports_field(kw, expected):
@@ -298,10 +298,10 @@ def test_validate_reports_field(kw, expected):
 
 
 def test_validate_reports_all():
-    assert len(W.validate("p2", gamma=0.0, k=-1.0, num_clusters=0, clustering="x")) == 4
+    assert len(W.problems("p2", gamma=0.0, k=-1.0, num_clusters=0, clustering="x")) == 4
 
 
 def test_validate_batch_message():
     assert _ok(global_batch_size=12) == [
-        "weighting.num_clusters=8 cannot stratify global_batch_size=12: it must divide the global batch"
+        "num_clusters=8 cannot stratify global_batch_size=12: it must divide the global batch"
     ]

@@ -1,18 +1,43 @@
-"""In-memory random-access data sources, by name.
+"""Random-access data sources, registered by name (`data.name`).
 
 A source is a sequence of examples `{"image": float32 HWC, "label": int32}`
 already in the model's input scale (pixels in [-1, 1], or scaled latents), so
 the train step never cares which it holds. grain reads them by index.
+
+A new dataset is one `SOURCES.register(name, Source(...))`: how to build it,
+the image shape and classes it holds (checked against the model before anything
+compiles), and the evaluators it offers by default (`eval.metrics=''`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 
+from dtr_jax.registry import Registry
+
 DIGITS_TEST_FRACTION = 1 / 6  # ~300 of 1797 images, stratified by class
 DIGITS_SPLIT_SEED = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """A registered dataset.
+
+    build: fn(config, split) -> a sequence of examples.
+    image_shape / num_classes: what the data holds (None: whatever the model says).
+    metrics: names of the evaluators (`dtr_jax.evaluators`) used when eval.metrics=''.
+    """
+
+    build: Callable
+    image_shape: tuple[int, int, int] | None = None
+    num_classes: int | None = None
+    metrics: tuple[str, ...] = ()
+
+
+SOURCES: Registry[Source] = Registry("data.name")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,15 +92,41 @@ class SyntheticSource:
         return {"image": image, "label": np.int32(rng.integers(self.num_classes))}
 
 
-SOURCES = ("digits", "synthetic")
+def _synthetic(config, split: str) -> SyntheticSource:
+    del split
+    m = config.model
+    return SyntheticSource((m.input_size, m.input_size, m.in_channels), m.num_classes)
+
+
+SOURCES.register(
+    "digits",
+    Source(lambda config, split: digits_split(split), (8, 8, 1), 10, metrics=("digits",)),
+)
+SOURCES.register("synthetic", Source(_synthetic))
 
 
 def get_source(config, split: str = "train"):
     """The source named by `config.data.name`, shaped by `config.model`."""
-    name = config.data.name
-    if name == "digits":
-        return digits_split(split)
-    if name == "synthetic":
-        m = config.model
-        return SyntheticSource((m.input_size, m.input_size, m.in_channels), m.num_classes)
-    raise ValueError(f"data.name={name!r} is unknown: allowed {list(SOURCES)}")
+    return SOURCES.get(config.data.name).build(config, split)
+
+
+def problems(name: str, image_shape, num_classes: int, prefetch: int, num_threads: int) -> list[str]:
+    """Problems with a data section for a model of `image_shape` (H, W, C) and `num_classes`.
+
+    Each names its field; a source that does not fit the model names the model fields.
+    """
+    out = SOURCES.problems(name)
+    if not out:
+        src = SOURCES.get(name)
+        shape_ok = src.image_shape in (None, tuple(image_shape))
+        classes_ok = src.num_classes is None or num_classes in (1, src.num_classes)
+        if not (shape_ok and classes_ok):
+            h, w, c = src.image_shape or image_shape
+            out.append(
+                f"name={name!r} holds {h}x{w}x{c} images of {src.num_classes} classes: set "
+                f"model.input_size={h}, model.in_channels={c}, model.num_classes="
+                f"{src.num_classes} (or 1) (got {tuple(image_shape)}, {num_classes} classes)"
+            )
+    if prefetch < 0 or num_threads < 0:
+        out.append(f"prefetch={prefetch} and data.num_threads={num_threads} must be >= 0")
+    return out

@@ -1,9 +1,15 @@
-"""Model registry: the twelve DiT sizes of the paper, by name ("DiT-B/2")."""
+"""Model registry: the twelve DiT sizes of the paper, by name ("DiT-B/2").
+
+`problems` checks a model section (name, dtype, sizes); `create_dit` builds one.
+"""
 
 from __future__ import annotations
 
+import types
+
 import jax.numpy as jnp
 
+from dtr_jax.errors import choice_problems, integer_problems
 from dtr_jax.models.dit import DiT
 
 # (depth, hidden_size, num_heads) per size (SPEC §3).
@@ -11,12 +17,13 @@ SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 
 PATCHES = (2, 4, 8)
 MODEL_NAMES = tuple(f"DiT-{s}/{p}" for s in SIZES for p in PATCHES)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+ARCH_FIELDS = ("depth", "hidden_size", "num_heads", "patch_size")
 
 
 def architecture(name: str, **overrides) -> dict:
     """depth/hidden_size/num_heads/patch_size of `name`; non-None overrides win."""
     if name not in MODEL_NAMES:
-        raise ValueError(f"model.name={name!r} is unknown: allowed {list(MODEL_NAMES)}")
+        raise ValueError(choice_problems("model.name", name, MODEL_NAMES)[0])
     size, patch = name[len("DiT-") :].split("/")
     depth, hidden, heads = SIZES[size]
     arch = dict(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=int(patch))
@@ -27,13 +34,30 @@ def architecture(name: str, **overrides) -> dict:
 def model_architecture(model_config) -> dict:
     """The architecture a `config.model` section resolves to (name + overrides)."""
     m = model_config
-    return architecture(
-        m.name,
-        depth=m.depth,
-        hidden_size=m.hidden_size,
-        num_heads=m.num_heads,
-        patch_size=m.patch_size,
-    )
+    return architecture(m.name, **{f: getattr(m, f) for f in ARCH_FIELDS})
+
+
+def problems(m) -> list[str]:
+    """Problems with a model section (name, dtype, sizes), each naming its field."""
+    out = choice_problems("dtype", m.dtype, DTYPES)
+    if not 0.0 <= m.class_dropout_prob <= 1.0:
+        out.append(f"class_dropout_prob={m.class_dropout_prob!r} must lie in [0, 1]")
+    if m.name not in MODEL_NAMES:
+        return out + choice_problems("name", m.name, MODEL_NAMES)
+    arch = model_architecture(m)
+    sizes = [p for f in ARCH_FIELDS for p in integer_problems(f, arch[f])]
+    sizes += [p for f in ("input_size", "in_channels", "num_classes") for p in
+              integer_problems(f, getattr(m, f))]
+    if sizes:
+        return out + sizes  # the checks below divide by these sizes
+    d, heads, patch = arch["hidden_size"], arch["num_heads"], arch["patch_size"]
+    if d % heads:
+        out.append(f"hidden_size={d} is not divisible by num_heads={heads}")
+    if d % 4:
+        out.append(f"hidden_size={d} must be a multiple of 4 (2-D sin-cos position embedding)")
+    if m.input_size % patch:
+        out.append(f"input_size={m.input_size} is not divisible by patch_size={patch}")
+    return out
 
 
 def create_dit(
@@ -50,50 +74,24 @@ def create_dit(
 
     Remaining keyword arguments go to `DiT` (input_size, in_channels,
     num_classes, class_dropout_prob, learn_sigma, mlp_ratio, remat).
+    Invalid arguments raise ValueError naming each `model.<field>`.
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"model.dtype={dtype!r} is unknown: allowed {list(DTYPES)}")
-    arch = architecture(
-        name, depth=depth, hidden_size=hidden_size, num_heads=num_heads, patch_size=patch_size
-    )
-    return DiT(dtype=DTYPES[dtype], **arch, **kwargs)
-
-
-def from_config(config):
-    """(DiT, routing tables or None) for a full run config (model + diffusion)."""
-    from dtr_jax import routing  # local: keep the registry import-light
-
-    m = config.model
-    model = create_dit(
-        m.name,
-        dtype=m.dtype,
-        **model_architecture(m),
-        input_size=m.input_size,
-        in_channels=m.in_channels,
-        num_classes=m.num_classes,
-        class_dropout_prob=m.class_dropout_prob,
-        learn_sigma=m.learn_sigma,
-        remat=m.remat,
-    )
-    r = m.routing
-    tables = routing.model_tables(
-        r.kind,
-        config.diffusion.num_timesteps,
-        model.hidden_size,
-        model.depth,
-        r.beta,
-        r.alpha,
-        r.seed,
-    )
-    return model, tables
+    arch = dict(depth=depth, hidden_size=hidden_size, num_heads=num_heads, patch_size=patch_size)
+    fields = {f: kwargs.get(f, getattr(DiT, f)) for f in
+              ("input_size", "in_channels", "num_classes", "class_dropout_prob")}
+    found = problems(types.SimpleNamespace(name=name, dtype=dtype, **arch, **fields))
+    if found:
+        raise ValueError("; ".join(f"model.{p}" for p in found))
+    return DiT(dtype=DTYPES[dtype], **architecture(name, **arch), **kwargs)
 
 
 __all__ = [
-    "DiT",
-    "SIZES",
+    "DTYPES",
     "MODEL_NAMES",
+    "SIZES",
+    "DiT",
     "architecture",
     "create_dit",
-    "from_config",
     "model_architecture",
+    "problems",
 ]

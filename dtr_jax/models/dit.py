@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dtr_jax.routing import route
+
 Dtype = Any
 _xavier = nn.initializers.xavier_uniform()
 _zeros = nn.initializers.zeros_init()
@@ -150,12 +152,14 @@ class DiTBlock(nn.Module):
             nn.silu(c)
         )
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
-        h = x if mask is None else x * mask
         attn = Attention(self.num_heads, self.dtype, name="attn")
-        h = h + gate_msa[:, None] * attn(modulate(_layer_norm(self.dtype)(h), shift_msa, scale_msa))
         mlp = Mlp(int(d * self.mlp_ratio), self.dtype, name="mlp")
-        h = h + gate_mlp[:, None] * mlp(modulate(_layer_norm(self.dtype)(h), shift_mlp, scale_mlp))
-        return h if mask is None else h + x * (1 - mask)
+
+        def block(h):
+            h = h + gate_msa[:, None] * attn(modulate(_layer_norm(self.dtype)(h), shift_msa, scale_msa))
+            return h + gate_mlp[:, None] * mlp(modulate(_layer_norm(self.dtype)(h), shift_mlp, scale_mlp))
+
+        return route(block, x, mask)
 
 
 class FinalLayer(nn.Module):
@@ -227,6 +231,12 @@ class DiT(nn.Module):
     @property
     def out_channels(self) -> int:
         return 2 * self.in_channels if self.learn_sigma else self.in_channels
+
+    def dummy_inputs(self, batch_size: int = 1):
+        """(x, t, y) zeros of the input shapes, for init and shape inference."""
+        x = jnp.zeros((batch_size, self.input_size, self.input_size, self.in_channels), jnp.float32)
+        t = jnp.zeros((batch_size,), jnp.int32)
+        return x, t, t
 
     @nn.compact
     def __call__(self, x, t, y, routing=None, train: bool = False):

@@ -1,0 +1,118 @@
+"""What every mode that runs the model needs: the DiT, its routing tables and its diffusion.
+
+`build` makes them from a model spec (`config.model_spec`, or an export's
+model.json); `from_config` from a run config. `sample_fn` is the pure sampler
+(respaced DDPM/DDIM with classifier-free guidance) that `sample` shards and
+`export` jits. `restore_params` reads the EMA (or raw) params of a workdir's
+latest checkpoint, without building the optimizer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from dtr_jax import checkpoint, routing, sharding
+from dtr_jax.config import model_spec, signature
+from dtr_jax.diffusion import GaussianDiffusion
+from dtr_jax.models import DiT, create_dit
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DiffusionModel:
+    """A DiT, its (G, T, C) routing tables (None: no routing) and its diffusion process."""
+
+    model: DiT
+    tables: np.ndarray | None
+    diffusion: GaussianDiffusion
+
+    def init_params(self, rng: jax.Array):
+        """Fresh params, with the logical-partitioning boxes that give their shardings."""
+        return self.model.init(rng, *self.model.dummy_inputs())["params"]
+
+    def abstract_params(self):
+        """The boxed params as ShapeDtypeStructs (nothing allocated)."""
+        return jax.eval_shape(self.init_params, jax.random.key(0))
+
+    def param_layout(self, mesh):
+        """(abstract unboxed params, their NamedShardings on `mesh`)."""
+        boxed = self.abstract_params()
+        return nn.unbox(boxed), sharding.logical_shardings(boxed, mesh)
+
+
+def build(spec: dict, dtype: str = "float32", **model_kwargs) -> DiffusionModel:
+    """The DiffusionModel a model spec describes. Routing kinds other than those of
+    `routing.KINDS` (an export's 'custom') give no tables: the caller supplies them.
+    `dtype` is the compute dtype; `model_kwargs` go to the DiT (remat, dropout)."""
+    m, r, d = dict(spec["model"]), spec["routing"], spec["diffusion"]
+    model = create_dit(m.pop("name"), dtype=dtype, **(m | model_kwargs))
+    tables = None
+    if r["kind"] in routing.KINDS:
+        tables = routing.model_tables(
+            r["kind"],
+            d["num_timesteps"],
+            model.hidden_size,
+            model.depth,
+            r["beta"],
+            r["alpha"],
+            r["seed"],
+        )
+    diffusion = GaussianDiffusion.create(
+        d["schedule"], d["num_timesteps"], learn_sigma=model.learn_sigma
+    )
+    return DiffusionModel(model, tables, diffusion)
+
+
+def from_config(config) -> DiffusionModel:
+    """The run's DiffusionModel, with its compute dtype, remat and label dropout."""
+    m = config.model
+    return build(
+        model_spec(config), m.dtype, remat=m.remat, class_dropout_prob=m.class_dropout_prob
+    )
+
+
+def model_fn(model: DiT, params, labels, tables, cfg_scale: float):
+    """model_fn(x_t, t) for the samplers: conditional, or guided when cfg_scale != 1."""
+    if cfg_scale == 1.0 or model.num_classes == 1:
+        return lambda x, t: model.apply({"params": params}, x, t, labels, tables)
+    guided = functools.partial(model.apply, method=type(model).guided, cfg_scale=cfg_scale)
+    return lambda x, t: guided({"params": params}, x, t, labels, tables)
+
+
+def sample_fn(dm: DiffusionModel, s):
+    """fn(params, labels, tables, rng) -> images (B, H, W, C) in the model's input scale.
+
+    `s` holds the sampler settings (sampler, num_steps, cfg_scale, ddim_eta,
+    clip_denoised), e.g. a config's `sample` section. The respaced process calls
+    the model with the original timesteps, so routing masks are those of training.
+    """
+    respaced = dm.diffusion.respaced(str(s.num_steps))
+    m = dm.model
+
+    def run(params, labels, tables, rng):
+        fn = model_fn(m, params, labels, tables, s.cfg_scale)
+        shape = (labels.shape[0], m.input_size, m.input_size, m.in_channels)
+        return respaced.sample(
+            fn, shape, rng, sampler=s.sampler, eta=s.ddim_eta, clip_denoised=s.clip_denoised
+        )
+
+    return run
+
+
+def restore_params(config, workdir: str, mesh, use_ema: bool = True):
+    """(DiffusionModel, params sharded on `mesh`, step) from WORKDIR's latest checkpoint,
+    which must be of this config's model. Reads only the EMA (or raw) params."""
+    step = checkpoint.require_checkpoint(workdir, signature(config))
+    dm = from_config(config)
+    abstract, shardings = dm.param_layout(mesh)
+    target = checkpoint.restore_target(abstract, shardings)
+    ckpt = checkpoint.Checkpoints(workdir, read_only=True)
+    try:
+        params = ckpt.restore_params(target, "ema_params" if use_ema else "params", step)
+    finally:
+        ckpt.close()
+    return dm, params, step

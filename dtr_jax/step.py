@@ -1,0 +1,193 @@
+"""The training step: the train state, what the config fixes, and the jitted sharded step.
+
+`create_setup(config)` gathers what the step computes with (model, routing tables,
+diffusion, optimizers, timestep clusters); `create_state` initialises the state
+straight into its shardings; `jit_train_step` is one `jax.jit` over a
+(data, fsdp) mesh with the state donated. Needs jax, flax, optax and the config:
+no TensorFlow, clu or grain (the loop around it, `dtr_jax.train`, adds those).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from dtr_jax import inference, optimizer, sharding, weighting
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    ema_params: Any
+    opt_state: Any
+    uw_log_vars: jax.Array | None  # (K,) UW log-variances s_k; None unless weighting.kind='uw'
+    uw_opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TrainSetup:
+    """What the step computes with, fixed by the config (no arrays on device)."""
+
+    config: ml_collections.ConfigDict
+    dm: inference.DiffusionModel  # the DiT, its routing tables, its diffusion
+    tx: optax.GradientTransformation
+    learning_rate: optax.Schedule
+    uw_tx: optax.GradientTransformation
+    snr: np.ndarray  # SNR(t) per timestep
+    boundaries: np.ndarray  # timestep clusters: UW's, and the loss-per-cluster bins
+
+    @property
+    def uses_uw(self) -> bool:
+        return self.config.weighting.kind == "uw"
+
+
+def create_setup(config) -> TrainSetup:
+    dm = inference.from_config(config)
+    tx, lr = optimizer.create(config.optimizer)
+    w, abar = config.weighting, dm.diffusion.alphas_cumprod
+    return TrainSetup(
+        config=config,
+        dm=dm,
+        tx=tx,
+        learning_rate=lr,
+        uw_tx=weighting.uw_optimizer(w.uw_learning_rate),
+        snr=weighting.snr(abar),
+        boundaries=weighting.cluster_boundaries(w.clustering, abar, w.num_clusters),
+    )
+
+
+def init_state(setup: TrainSetup, rng: jax.Array) -> TrainState:
+    """A fresh state; params keep their logical-partitioning boxes (for shardings).
+    The EMA starts as a copy of the params (SPEC §6)."""
+    params = setup.dm.init_params(rng)
+    log_vars = weighting.init_log_vars(len(setup.boundaries) - 1) if setup.uses_uw else None
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        ema_params=params,
+        opt_state=setup.tx.init(params),
+        uw_log_vars=log_vars,
+        uw_opt_state=None if log_vars is None else setup.uw_tx.init(log_vars),
+    )
+
+
+def state_layout(setup: TrainSetup, mesh) -> tuple[TrainState, TrainState]:
+    """(abstract unboxed state, its shardings) without allocating anything."""
+    boxed = jax.eval_shape(functools.partial(init_state, setup), jax.random.key(0))
+    return nn.unbox(boxed), sharding.logical_shardings(boxed, mesh)
+
+
+def create_state(setup: TrainSetup, mesh, shardings) -> TrainState:
+    """Initialises the state directly into its shardings (no host copy)."""
+    init = jax.jit(lambda rng: nn.unbox(init_state(setup, rng)), out_shardings=shardings)
+    with sharding.mesh_context(mesh):
+        return init(jax.random.key(setup.config.seed))
+
+
+def train_step(setup: TrainSetup, state: TrainState, batch: dict, tables):
+    """One optimiser step on a global batch: (new state, metrics kept on device).
+
+    The timesteps, the noise and the label dropout of step k depend only on
+    (seed, k), so a resumed run repeats an uninterrupted one exactly.
+    """
+    cfg, dm = setup.config, setup.dm
+    rng = jax.random.fold_in(jax.random.key(cfg.seed), state.step)
+    t_rng, noise_rng, drop_rng = jax.random.split(rng, 3)
+    x0, y = batch["image"], batch["label"]
+    stratified = setup.boundaries if setup.uses_uw else None
+    t = weighting.sample_timesteps(t_rng, x0.shape[0], dm.diffusion.num_timesteps, stratified)
+    noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
+    w = cfg.weighting
+
+    def loss_fn(params, log_vars):
+        def model_fn(x_t, t_model):
+            variables = {"params": params}
+            rngs = {"dropout": drop_rng}
+            return dm.model.apply(variables, x_t, t_model, y, tables, train=True, rngs=rngs)
+
+        terms = dm.diffusion.training_losses(model_fn, x0, t, noise)
+        loss, aux = weighting.combine(
+            w.kind,
+            terms["mse"],
+            terms["vb"],
+            t,
+            setup.snr,
+            gamma=w.gamma,
+            k=w.k,
+            log_vars=log_vars,
+            boundaries=setup.boundaries,
+        )
+        return loss, (terms, aux)
+
+    grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+    (loss, (terms, aux)), (grads, uw_grads) = grad_fn(state.params, state.uw_log_vars)
+    updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    log_vars, uw_opt_state = state.uw_log_vars, state.uw_opt_state
+    if setup.uses_uw:
+        uw_updates, uw_opt_state = setup.uw_tx.update(uw_grads, uw_opt_state, log_vars)
+        log_vars = optax.apply_updates(log_vars, uw_updates)
+    new_state = TrainState(
+        step=state.step + 1,
+        params=params,
+        ema_params=optimizer.ema_update(state.ema_params, params, cfg.optimizer.ema_decay),
+        opt_state=opt_state,
+        uw_log_vars=log_vars,
+        uw_opt_state=uw_opt_state,
+    )
+    metrics = dict(
+        loss=loss,
+        mse=terms["mse"].mean(),
+        vb=terms["vb"].mean(),
+        grad_norm=optax.global_norm(grads),
+        learning_rate=setup.learning_rate(state.step),
+        cluster_loss_sum=aux["cluster_loss_sum"],
+        cluster_count=aux["cluster_count"],
+    )
+    if setup.uses_uw:
+        metrics["uw_weight"] = jnp.exp(-log_vars)
+    return new_state, metrics
+
+
+def jit_train_step(setup: TrainSetup, mesh, shardings):
+    """The sharded step: state donated, batch split over (data, fsdp), tables replicated."""
+    batch = sharding.batch_sharding(mesh)
+    rep = sharding.replicated(mesh)
+    return jax.jit(
+        functools.partial(train_step, setup),
+        in_shardings=(shardings, {"image": batch, "label": batch}, rep),
+        out_shardings=(shardings, rep),
+        donate_argnums=(0,),
+    )
+
+
+def summarize(metrics: list[dict], boundaries) -> dict:
+    """Host-side means over a log interval, with per-cluster losses split out."""
+    m = jax.device_get(metrics)
+    out = {k: float(np.mean([x[k] for x in m])) for k in ("loss", "mse", "vb", "grad_norm")}
+    out["learning_rate"] = float(m[-1]["learning_rate"])
+    sums = np.sum([x["cluster_loss_sum"] for x in m], 0)
+    counts = np.sum([x["cluster_count"] for x in m], 0)
+    for k, name in enumerate(cluster_names(boundaries)):
+        if counts[k]:
+            out[name] = float(sums[k] / counts[k])
+    if "uw_weight" in m[-1]:
+        for k, v in enumerate(m[-1]["uw_weight"]):
+            out[f"uw_weight/{k}"] = float(v)
+    return out
+
+
+def cluster_names(boundaries) -> list[str]:
+    """The metric name of each timestep cluster: 'cluster_loss/<k>_t<first>-<last>'."""
+    pairs = zip(boundaries[:-1], boundaries[1:], strict=True)
+    return [f"cluster_loss/{k}_t{lo}-{hi - 1}" for k, (lo, hi) in enumerate(pairs)]
