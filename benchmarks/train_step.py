@@ -10,7 +10,8 @@ ms/step with its ratio to `none`, next to the XLA scratch memory of the compiled
 (activations and gradients in flight; params and optimizer state are the same for all
 kinds, since routing adds no parameters). Also prints the analytic forward cost (multiply-adds
 per image, SPEC §3) and the model FLOP/s achieved (a train step ~ 3x the forward).
-Needs only jax, flax, optax, numpy and ml_collections (no TensorFlow, clu or grain).
+Imports jax, flax, optax, orbax-checkpoint and ml_collections through dtr_jax.step;
+no TensorFlow, clu or grain (tests/test_layers.py checks the step's imports).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from dtr_jax import sharding, step as step_lib
+from dtr_jax import sharding
+from dtr_jax import step as step_lib
 from dtr_jax.config import load_config
 from dtr_jax.models import DiT
 
@@ -117,9 +119,8 @@ def main():
     model = runners[kinds[0]].model
     macs = forward_macs(model)
     b = config.global_batch_size
-    print(
-        f"device: {jax.devices()[0].device_kind} x{jax.device_count()} ({platform.processor() or platform.machine()})"
-    )
+    host = platform.processor() or platform.machine()
+    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} ({host})")
     print(
         f"jax {jax.__version__}; config {args.config}; model depth {model.depth}, hidden "
         f"{model.hidden_size}, patch {model.patch_size}, {model.input_size}x{model.input_size}"

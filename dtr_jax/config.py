@@ -16,8 +16,17 @@ import ml_collections
 from flax import traverse_util
 from ml_collections import config_dict
 
-from dtr_jax import data, decoders, diffusion, evaluators, models, optimizer
-from dtr_jax import routing, sharding, weighting
+from dtr_jax import (
+    data,
+    decoders,
+    diffusion,
+    evaluators,
+    models,
+    optimizer,
+    routing,
+    sharding,
+    weighting,
+)
 from dtr_jax.errors import ConfigError, integer_problems, prefixed, raise_problems
 from dtr_jax.models import DiT, model_architecture
 
@@ -258,7 +267,12 @@ def _sampling_problems(c) -> list[str]:
 
 def _training_problems(c, num_devices: int) -> list[str]:
     found = []
-    for name in ("num_train_steps", "global_batch_size", "log_every_steps", "checkpoint_every_steps"):
+    for name in (
+        "num_train_steps",
+        "global_batch_size",
+        "log_every_steps",
+        "checkpoint_every_steps",
+    ):
         found += integer_problems(name, c[name])
     for name in ("sample_every_steps", "eval_every_steps", "profile_steps"):
         found += integer_problems(name, c[name], allow_zero=True)

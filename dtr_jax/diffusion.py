@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +39,9 @@ def get_betas(schedule: str, num_timesteps: int) -> np.ndarray:
         return np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64)
     if schedule == "cosine":
         # Nichol & Dhariwal: abar(u) = cos((u + s) / (1 + s) * pi / 2)^2, s = 0.008.
-        f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+        def f(u):
+            return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+
         return np.array(
             [
                 min(1 - f((i + 1) / num_timesteps) / f(i / num_timesteps), 0.999)
@@ -88,7 +90,9 @@ def problems(schedule: str, num_timesteps: int) -> list[str]:
     )
 
 
-def sampling_problems(sampler: str, num_steps: int, ddim_eta: float, num_timesteps: int) -> list[str]:
+def sampling_problems(
+    sampler: str, num_steps: int, ddim_eta: float, num_timesteps: int
+) -> list[str]:
     """Problems with the sampler settings of a process of `num_timesteps` steps."""
     out = choice_problems("sampler", sampler, SAMPLERS) + integer_problems("num_steps", num_steps)
     if isinstance(num_steps, int) and isinstance(num_timesteps, int) and num_steps > num_timesteps:

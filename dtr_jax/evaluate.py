@@ -15,7 +15,8 @@ import jax
 import numpy as np
 from absl import logging
 
-from dtr_jax import config as config_lib, decoders, evaluators, files, sample
+from dtr_jax import config as config_lib
+from dtr_jax import decoders, evaluators, files, sample
 
 
 def selected(config) -> list[type[evaluators.Evaluator]]:

@@ -150,7 +150,9 @@ class DigitsMetrics(Evaluator):
     @classmethod
     def check_images(cls, e, shape, what):
         if tuple(shape[1:]) != (8, 8, 1):
-            raise ConfigError([f"{what} has images of shape {tuple(shape[1:])}: digits are (8, 8, 1)"])
+            raise ConfigError(
+                [f"{what} has images of shape {tuple(shape[1:])}: digits are (8, 8, 1)"]
+            )
 
     def __init__(self, e):
         del e

@@ -21,7 +21,8 @@ import os
 import shutil
 import types
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -35,7 +36,8 @@ from flax import traverse_util
 from safetensors import numpy as st_numpy
 
 import dtr_jax
-from dtr_jax import config as config_lib, files, inference, routing, sharding
+from dtr_jax import config as config_lib
+from dtr_jax import files, inference, routing, sharding
 from dtr_jax.diffusion import GaussianDiffusion, sampling_problems
 from dtr_jax.models import DiT
 
@@ -141,10 +143,7 @@ def export(params, config, out_dir: str, tables=None, step: int | None = None) -
         write = _write_remote if files.is_remote(out_dir) else _write_local
         write(out_dir, contents)
         logging.info("Exported %s params (step %s) to %s", spec["params"], step, out_dir)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("dtr_jax.export")
+    sharding.sync_hosts("dtr_jax.export")
     return out_dir
 
 

@@ -34,14 +34,16 @@ def frechet_distance(
     s1, s2 = (np.atleast_2d(np.asarray(s, np.float64)) for s in (sigma1, sigma2))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (len(mu1), len(mu1)):
         raise ValueError(
-            f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, " f"sigma {s1.shape} vs {s2.shape}"
+            f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}"
         )
     diff = mu1 - mu2
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", linalg.LinAlgWarning)
         covmean = linalg.sqrtm(s1 @ s2)
         if not np.isfinite(covmean).all():
-            warnings.warn(f"FID: singular product; adding {eps} to the covariance diagonals")
+            warnings.warn(
+                f"FID: singular product; adding {eps} to the covariance diagonals", stacklevel=2
+            )
             offset = np.eye(len(s1)) * eps
             covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
     if np.iscomplexobj(covmean):

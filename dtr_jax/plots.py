@@ -1,7 +1,7 @@
 """Plots a training run leaves in its workdir (PNG, written atomically; local or gs://).
 
-  routing.png           the routing tables: which channels each denoising task uses
-  loss_by_timestep.png  the unweighted loss per timestep interval at the end of training
+routing.png           the routing tables: which channels each denoising task uses
+loss_by_timestep.png  the unweighted loss per timestep interval at the end of training
 """
 
 from __future__ import annotations
@@ -48,7 +48,9 @@ def loss_by_timestep(boundaries: np.ndarray, losses: list[float | None], path: s
     """Mean loss per timestep interval [b_k, b_k+1) against t (log scale); None = no sample."""
     plt, fig = _figure(5.0, 3.2)
     ax = fig.add_subplot(1, 1, 1)
-    for (lo, hi), loss in zip(zip(boundaries[:-1], boundaries[1:]), losses, strict=True):
+    for (lo, hi), loss in zip(
+        zip(boundaries[:-1], boundaries[1:], strict=True), losses, strict=True
+    ):
         if loss is not None:
             ax.hlines(loss, lo, hi - 1, colors="C0", linewidth=2)
     ax.set_yscale("log")

@@ -15,7 +15,8 @@ import jax
 import numpy as np
 from absl import logging
 
-from dtr_jax import config as config_lib, decoders, files, inference, sharding
+from dtr_jax import config as config_lib
+from dtr_jax import decoders, files, inference, sharding
 from dtr_jax.config import parse_labels
 
 

@@ -14,7 +14,9 @@ import contextlib
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from dtr_jax.errors import prefixed, raise_problems
 
@@ -63,7 +65,9 @@ def problems(data: int, fsdp: int, num_devices: int) -> list[str]:
     ]
 
 
-def batch_problems(field: str, batch_size: int, data: int, fsdp: int, num_devices: int) -> list[str]:
+def batch_problems(
+    field: str, batch_size: int, data: int, fsdp: int, num_devices: int
+) -> list[str]:
     """Problems with splitting the global batch `field` over the mesh's batch shards."""
     shape = mesh_shape(data, fsdp, num_devices)
     if shape is None or not isinstance(batch_size, int) or batch_size % (shape[0] * shape[1]) == 0:
@@ -106,7 +110,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
     """Drops the mesh axes of any dimension they do not divide evenly."""
     out = []
-    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
         names = (axes,) if isinstance(axes, str) else tuple(axes or ())
         size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
         out.append(axes if names and dim % size == 0 else None)
@@ -130,6 +134,10 @@ def host_gather(tree):
     """Brings a (possibly multi-host, sharded) pytree to every host as numpy."""
     if jax.process_count() == 1:
         return jax.device_get(tree)
-    from jax.experimental import multihost_utils  # multi-host only
-
     return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def sync_hosts(name: str) -> None:
+    """Waits until every process reaches this point (a no-op with one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)

@@ -22,7 +22,8 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 
 from dtr_jax import checkpoint, decoders, evaluate, files, plots, sample, sharding
-from dtr_jax import config as config_lib, step as step_lib
+from dtr_jax import config as config_lib
+from dtr_jax import step as step_lib
 from dtr_jax.data import get_source
 from dtr_jax.data.pipeline import device_batches
 from dtr_jax.step import TrainSetup, TrainState
@@ -34,9 +35,7 @@ def due(step: int, every: int, last: int) -> bool:
     return bool(every) and (step % every == 0 or step == last)
 
 
-def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str, devices=None
-) -> TrainState:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> TrainState:
     """Trains (resuming from WORKDIR if it holds a checkpoint); returns the final state.
 
     A run that reaches num_train_steps also writes WORKDIR/ema_params.msgpack,
@@ -113,7 +112,11 @@ class MetricsLog:
     def __init__(self, writer, setup: TrainSetup, start: int, last_good: Callable):
         cfg = setup.config
         self.writer, self.boundaries, self.last_good = writer, setup.boundaries, last_good
-        self.every, self.last, self.batch = cfg.log_every_steps, cfg.num_train_steps, cfg.global_batch_size
+        self.every, self.last, self.batch = (
+            cfg.log_every_steps,
+            cfg.num_train_steps,
+            cfg.global_batch_size,
+        )
         self.pending: list[dict] = []
         self.tick = (start, time.perf_counter())
         self.cluster_loss: list[float | None] = []  # of the latest interval, for the plot

@@ -48,7 +48,8 @@ def uniform_intervals(num_timesteps: int, num_clusters: int) -> np.ndarray:
 
 
 def interval_cost(log_snr: np.ndarray, start: int, end: int) -> float:
-    """ANT SNR cost of [start, end): sum_t |log_snr[center] - log_snr[t]|, center = start + (end-start)//2."""
+    """ANT SNR cost of [start, end): sum_t |log_snr[center] - log_snr[t]|,
+    center = start + (end - start) // 2."""
     seg = np.asarray(log_snr, dtype=np.float64)[start:end]
     return float(np.abs(seg[len(seg) // 2] - seg).sum())
 
@@ -68,7 +69,8 @@ def _cost_matrix(log_snr: np.ndarray) -> np.ndarray:
 
 
 def interval_clustering(log_snr: np.ndarray, num_clusters: int) -> np.ndarray:
-    """Boundaries (K+1,) of K contiguous non-empty intervals of [0, T) minimising total cost (DP)."""
+    """Boundaries (K+1,) of K contiguous non-empty intervals of [0, T) minimising the total
+    cost (dynamic programming)."""
     n = len(log_snr)
     _check_num_clusters(n, num_clusters)
     cost = _cost_matrix(log_snr)
@@ -88,7 +90,8 @@ def interval_clustering(log_snr: np.ndarray, num_clusters: int) -> np.ndarray:
 def total_cost(log_snr: np.ndarray, boundaries: np.ndarray) -> float:
     """Sum of interval_cost over the intervals given by ``boundaries``."""
     return sum(
-        interval_cost(log_snr, int(a), int(b)) for a, b in zip(boundaries[:-1], boundaries[1:])
+        interval_cost(log_snr, int(a), int(b))
+        for a, b in zip(boundaries[:-1], boundaries[1:], strict=True)
     )
 
 
@@ -113,7 +116,8 @@ def cluster_index(t: jax.Array, boundaries) -> jax.Array:
 def sample_timesteps(
     rng: jax.Array, batch_size: int, num_timesteps: int, boundaries=None
 ) -> jax.Array:
-    """t (batch_size,) int32: uniform on [0, T), or stratified over clusters if ``boundaries`` given.
+    """t (batch_size,) int32: uniform on [0, T), or stratified over the clusters of
+    ``boundaries`` if given.
 
     Stratified: batch_size / K samples per cluster, uniform inside it, laid out
     cluster-interleaved (0, 1, .., K-1, 0, 1, ..) so contiguous shards stay balanced.

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from scipy.special import ndtr
 
-from dtr_jax import diffusion as D, weighting
+from dtr_jax import diffusion as D
+from dtr_jax import weighting
 
 T = 1000
 SHAPE = (2, 4, 4, 3)  # NHWC
@@ -54,7 +55,10 @@ def test_linear_betas():
 def test_cosine_betas():
     b = D.get_betas("cosine", T)
     s = 0.008
-    f = lambda u: np.cos((u + s) / (1 + s) * np.pi / 2) ** 2
+
+    def f(u):
+        return np.cos((u + s) / (1 + s) * np.pi / 2) ** 2
+
     u = np.arange(T) / T
     np.testing.assert_allclose(b, np.minimum(1 - f(u + 1 / T) / f(u), 0.999), rtol=1e-12)
     assert b.max() == 0.999 and np.all(b > 0)

@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 from safetensors import numpy as st_numpy
 
+import helpers
 from dtr_jax import export, inference, routing, sharding, train
 from dtr_jax.config import ConfigError
-
-import helpers
 
 FILES = ("model.json", "model.msgpack", "model.safetensors")
 

@@ -252,7 +252,9 @@ def test_load_pth_and_npz(tmp_path, torch_model):
     np.testing.assert_array_equal(v_pth["params"]["fc"]["kernel"], sd["fc.weight"].numpy().T)
     leaves_a, tree_a = jax.tree_util.tree_flatten(v_pth)
     leaves_b, tree_b = jax.tree_util.tree_flatten(v_npz)
-    assert tree_a == tree_b and all(np.array_equal(a, b) for a, b in zip(leaves_a, leaves_b))
+    assert tree_a == tree_b and all(
+        np.array_equal(a, b) for a, b in zip(leaves_a, leaves_b, strict=True)
+    )
 
 
 def test_missing_file(tmp_path):

@@ -442,9 +442,10 @@ def test_guided(ref):
     xj, tj, yj, _ = inputs(jax_layout=True)
     yj = jnp.array([3, 0, 5, 7])
     table = model_tables("dtr", T, CFG["hidden_size"], CFG["depth"])
-    guided = lambda s: model.apply(
-        {"params": params}, xj, tj, yj, table, cfg_scale=s, method=DiT.guided  # noqa: E731
-    )
+
+    def guided(s):
+        return model.apply({"params": params}, xj, tj, yj, table, cfg_scale=s, method=DiT.guided)
+
     cond = fwd(params, xj, tj, yj, table)
     uncond = fwd(params, xj, tj, jnp.full_like(yj, CFG["num_classes"]), table)
     assert np.max(np.abs(np.asarray(cond - uncond))) > 1e-2  # labels matter

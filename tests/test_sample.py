@@ -115,6 +115,16 @@ def test_sample_mode_writes_npz_and_png(trained):
     assert os.path.isfile(path[: -len(".npz")] + ".png")
 
 
+@pytest.mark.parametrize("mode", ["sample", "evaluate", "export"])
+def test_every_reading_mode_validates_the_diffusion_fields(mode, tmp_path):
+    config = tiny(**{"diffusion.schedule": "quadratic", "diffusion.num_timesteps": 0})
+    with pytest.raises(ConfigError) as err:
+        run(mode, config, str(tmp_path))
+    assert "diffusion.schedule='quadratic'" in str(err.value)
+    assert "diffusion.num_timesteps=0" in str(err.value)
+    assert not any(tmp_path.iterdir())
+
+
 def test_sample_mode_without_checkpoint_or_with_unknown_decoder(tmp_path):
     with pytest.raises(ConfigError, match="no checkpoint"):
         run("sample", tiny(), str(tmp_path))

@@ -1,7 +1,6 @@
 """The training system end to end on tiny configs (8 fake CPU devices)."""
 
 import os
-import pathlib
 import signal
 import subprocess
 import sys
@@ -44,7 +43,8 @@ def test_tiny_run_learns_and_writes_outputs(tmp_path):
     ):
         assert read_scalars(tmp_path, tag), tag
     assert (tmp_path / "ema_params.msgpack").stat().st_size > 0
-    assert (tmp_path / "samples.png").stat().st_size > 0
+    for plot in ("samples.png", "routing.png", "loss_by_timestep.png"):
+        assert (tmp_path / plot).stat().st_size > 0, plot
     assert checkpoint.Checkpoints(str(tmp_path), read_only=True).latest_step() == 60
 
 
@@ -60,7 +60,7 @@ def test_eight_devices_fsdp_match_one_device(tmp_path):
     np.testing.assert_allclose(
         [loss_eight[s] for s in range(1, 5)], [loss_one[s] for s in range(1, 5)], rtol=2e-5
     )
-    for a, b in zip(leaves(eight.params), leaves(one.params)):
+    for a, b in zip(leaves(eight.params), leaves(one.params), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
@@ -71,7 +71,9 @@ def test_resume_is_exact(tmp_path):
     resumed = train.train_and_evaluate(tiny(num_train_steps=6, **mesh), str(tmp_path / "b"))
     assert int(resumed.step) == 6
     for field in ("params", "ema_params", "opt_state"):
-        for a, b in zip(leaves(getattr(straight, field)), leaves(getattr(resumed, field))):
+        for a, b in zip(
+            leaves(getattr(straight, field)), leaves(getattr(resumed, field)), strict=True
+        ):
             np.testing.assert_array_equal(a, b)
 
 
@@ -87,7 +89,7 @@ def test_uw_state_resumes_and_restores_onto_fewer_devices(tmp_path):
     ckpt = checkpoint.Checkpoints(str(tmp_path), read_only=True)
     restored = ckpt.restore(checkpoint.restore_target(abstract, shardings))
     assert len(restored.params["blocks_0"]["mlp"]["fc1"]["kernel"].sharding.device_set) == 2
-    for a, b in zip(leaves(saved), leaves(restored)):
+    for a, b in zip(leaves(saved), leaves(restored), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -99,8 +101,15 @@ def test_workdir_of_another_model_is_refused_untouched(tmp_path):
     one = jax.devices()[:1]
     train.train_and_evaluate(tiny(num_train_steps=1), str(tmp_path), devices=one)
     before = _snapshot(tmp_path)
-    for override in ({"model.hidden_size": 64}, {"model.routing.kind": "random"}):
-        with pytest.raises(ConfigError, match="different model"):
+    changes = (
+        {"model.hidden_size": 64},
+        {"model.routing.kind": "random"},
+        {"diffusion.schedule": "cosine"},
+        {"diffusion.num_timesteps": 500},
+    )
+    for override in changes:
+        field = next(iter(override)).partition(".")[2]
+        with pytest.raises(ConfigError, match=f"different model.*{field}"):
             train.train_and_evaluate(
                 tiny(num_train_steps=2, **override), str(tmp_path), devices=one
             )
@@ -239,3 +248,21 @@ def test_sigterm_saves_and_resume_finishes(tmp_path):
     )
     assert checkpoint.Checkpoints(str(tmp_path), read_only=True).latest_step() == finish
     assert (tmp_path / "samples.png").exists()
+
+
+def test_a_host_transfer_in_the_hot_loop_fails_loudly(tmp_path, monkeypatch):
+    """The step runs under jax.transfer_guard('disallow'): a batch left on the host (an
+    implicit transfer on every step) is an error, not a silent slowdown."""
+
+    def host_batches(source, config, sharding, start):
+        del sharding, start
+        b = config.global_batch_size
+        while True:
+            yield {
+                "image": np.zeros((b, 8, 8, 1), np.float32),
+                "label": np.zeros((b,), np.int32),
+            }
+
+    monkeypatch.setattr(train, "device_batches", host_batches)
+    with pytest.raises(Exception, match="[Dd]isallowed host-to-device transfer"):
+        train.train_and_evaluate(tiny(), str(tmp_path), devices=jax.devices()[:1])

@@ -140,7 +140,10 @@ def test_uw_loss_zero_log_vars_and_grad():
 
 def test_uw_loss_empty_cluster_no_nan():
     loss, ids, s = jnp.ones(6), jnp.array([0, 0, 1, 1, 3, 3]), jnp.zeros(4)
-    f = lambda l, v: W.uw_loss(l, ids, v)[0]
+
+    def f(losses, v):
+        return W.uw_loss(losses, ids, v)[0]
+
     val, (gl, gs) = jax.value_and_grad(f, argnums=(0, 1))(loss, s)
     _, means = W.uw_loss(loss, ids, s)
     assert float(means[2]) == 0.0

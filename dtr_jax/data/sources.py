@@ -110,7 +110,9 @@ def get_source(config, split: str = "train"):
     return SOURCES.get(config.data.name).build(config, split)
 
 
-def problems(name: str, image_shape, num_classes: int, prefetch: int, num_threads: int) -> list[str]:
+def problems(
+    name: str, image_shape, num_classes: int, prefetch: int, num_threads: int
+) -> list[str]:
     """Problems with a data section for a model of `image_shape` (H, W, C) and `num_classes`.
 
     Each names its field; a source that does not fit the model names the model fields.

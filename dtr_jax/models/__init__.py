@@ -46,8 +46,11 @@ def problems(m) -> list[str]:
         return out + choice_problems("name", m.name, MODEL_NAMES)
     arch = model_architecture(m)
     sizes = [p for f in ARCH_FIELDS for p in integer_problems(f, arch[f])]
-    sizes += [p for f in ("input_size", "in_channels", "num_classes") for p in
-              integer_problems(f, getattr(m, f))]
+    sizes += [
+        p
+        for f in ("input_size", "in_channels", "num_classes")
+        for p in integer_problems(f, getattr(m, f))
+    ]
     if sizes:
         return out + sizes  # the checks below divide by these sizes
     d, heads, patch = arch["hidden_size"], arch["num_heads"], arch["patch_size"]
@@ -77,8 +80,10 @@ def create_dit(
     Invalid arguments raise ValueError naming each `model.<field>`.
     """
     arch = dict(depth=depth, hidden_size=hidden_size, num_heads=num_heads, patch_size=patch_size)
-    fields = {f: kwargs.get(f, getattr(DiT, f)) for f in
-              ("input_size", "in_channels", "num_classes", "class_dropout_prob")}
+    fields = {
+        f: kwargs.get(f, getattr(DiT, f))
+        for f in ("input_size", "in_channels", "num_classes", "class_dropout_prob")
+    }
     found = problems(types.SimpleNamespace(name=name, dtype=dtype, **arch, **fields))
     if found:
         raise ValueError("; ".join(f"model.{p}" for p in found))

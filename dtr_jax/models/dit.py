@@ -156,8 +156,12 @@ class DiTBlock(nn.Module):
         mlp = Mlp(int(d * self.mlp_ratio), self.dtype, name="mlp")
 
         def block(h):
-            h = h + gate_msa[:, None] * attn(modulate(_layer_norm(self.dtype)(h), shift_msa, scale_msa))
-            return h + gate_mlp[:, None] * mlp(modulate(_layer_norm(self.dtype)(h), shift_mlp, scale_mlp))
+            h = h + gate_msa[:, None] * attn(
+                modulate(_layer_norm(self.dtype)(h), shift_msa, scale_msa)
+            )
+            return h + gate_mlp[:, None] * mlp(
+                modulate(_layer_norm(self.dtype)(h), shift_mlp, scale_mlp)
+            )
 
         return route(block, x, mask)
 

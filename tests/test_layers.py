@@ -1,0 +1,112 @@
+"""The package's import direction: every module imports only from its own layer or below.
+
+Layers, bottom to top (README, Contributing): foundations; components (routing, models,
+diffusion, weighting, metrics, data, sharding, checkpoint, ...); config; inference; the
+modes that read a checkpoint; training; the command lines. Imports are read from the
+source (lazy imports inside functions included), so a cycle cannot hide behind one.
+"""
+
+import ast
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from helpers import ROOT
+
+PACKAGE = ROOT / "dtr_jax"
+
+LAYERS = [
+    ("foundations", ["dtr_jax", "dtr_jax.errors", "dtr_jax.files", "dtr_jax.registry"]),
+    (
+        "components",
+        [
+            "dtr_jax.routing",
+            "dtr_jax.models",
+            "dtr_jax.models.dit",
+            "dtr_jax.models.inception",
+            "dtr_jax.diffusion",
+            "dtr_jax.weighting",
+            "dtr_jax.optimizer",
+            "dtr_jax.metrics",
+            "dtr_jax.digits_eval",
+            "dtr_jax.evaluators",
+            "dtr_jax.decoders",
+            "dtr_jax.data",
+            "dtr_jax.data.sources",
+            "dtr_jax.data.pipeline",
+            "dtr_jax.sharding",
+            "dtr_jax.checkpoint",
+            "dtr_jax.plots",
+        ],
+    ),
+    ("config", ["dtr_jax.config"]),
+    ("inference", ["dtr_jax.inference"]),
+    ("modes", ["dtr_jax.sample", "dtr_jax.evaluate", "dtr_jax.export"]),
+    ("training", ["dtr_jax.step", "dtr_jax.train"]),
+    ("entry points", ["dtr_jax.modes", "dtr_jax.main", "dtr_jax.study"]),
+]
+LAYER = {module: i for i, (_, modules) in enumerate(LAYERS) for module in modules}
+
+
+def module_name(path: pathlib.Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def package_modules() -> dict[str, pathlib.Path]:
+    return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def imported(path: pathlib.Path, name: str) -> set[str]:
+    """The dtr_jax modules `path` imports anywhere in its body (absolute or relative)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1])
+                base = f"{base}.{node.module}" if node.module else base
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    modules = package_modules()
+    return {m for m in found if m in modules and m != name}
+
+
+def test_every_module_has_a_layer():
+    missing = sorted(set(package_modules()) - set(LAYER))
+    assert not missing, f"assign these modules a layer in {__file__}: {missing}"
+
+
+@pytest.mark.parametrize("name", sorted(package_modules()))
+def test_imports_point_down(name):
+    path = package_modules()[name]
+    upward = sorted(m for m in imported(path, name) if LAYER[m] > LAYER[name])
+    assert not upward, (
+        f"{name} ({LAYERS[LAYER[name]][0]}) imports from higher layers: "
+        + ", ".join(f"{m} ({LAYERS[LAYER[m]][0]})" for m in upward)
+    )
+
+
+def test_the_checker_sees_lazy_and_relative_imports(tmp_path):
+    source = tmp_path / "mod.py"
+    source.write_text(
+        "def f():\n    from dtr_jax import train\n"
+        "from .. import config\nfrom dtr_jax.models import dit\n"
+    )
+    found = imported(source, "dtr_jax.data.sources")
+    assert {"dtr_jax.train", "dtr_jax.config", "dtr_jax.models.dit"} <= found
+
+
+def test_the_train_step_needs_no_tensorflow_clu_or_grain():
+    """The benchmark and accelerator path: step, inference and config import without them."""
+    code = (
+        "import sys, dtr_jax.step, dtr_jax.export\n"
+        "heavy = [m for m in ('tensorflow', 'clu', 'grain', 'torch') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
