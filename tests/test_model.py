@@ -1,12 +1,10 @@
 """Tests for dtr_jax.models (DiT with denoising task routing; SPEC §2-3).
 
-The core check is against a small PyTorch DiT written here from SPEC §2-3
-(timm-style attention, adaLN-Zero blocks, the PyTorch release's module names),
-loaded with the same RANDOM non-zero weights as the Flax model.
+The core check is against a small PyTorch DiT written from SPEC §2-3 (tests/torch_reference.py:
+timm-style attention, adaLN-Zero blocks, the PyTorch release's module names), loaded with
+the same RANDOM non-zero weights as the Flax model.
 `torch_to_flax` is the PyTorch -> Flax name mapping a checkpoint importer uses.
 """
-
-import math
 
 import flax
 import flax.linen as nn
@@ -15,11 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import torch.nn as tnn
 
 from dtr_jax.models import MODEL_NAMES, SIZES, create_dit
 from dtr_jax.models.dit import DiT, DiTBlock
 from dtr_jax.routing import model_tables, routing_table
+from torch_reference import TDiT, mae_pos_embed
 
 torch.set_default_dtype(torch.float32)
 
@@ -46,120 +44,6 @@ def check_close(name, got, want, tol=1e-5):
     ERRORS[name] = (err, scale)
     assert err <= tol * max(1.0, scale), f"{name}: max abs err {err:.3g} (output scale {scale:.3g})"
     return err
-
-
-# ============================================================ PyTorch reference (SPEC §2-3)
-
-
-def mae_pos_embed(dim, grid_size):
-    """2-D sin-cos position embedding as in MAE's get_2d_sincos_pos_embed (numpy)."""
-    grid = np.meshgrid(
-        np.arange(grid_size, dtype=np.float32), np.arange(grid_size, dtype=np.float32)
-    )  # w goes first (MAE)
-
-    def one_d(d, pos):
-        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
-        out = np.einsum("m,d->md", pos.reshape(-1), omega)
-        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-
-    return np.concatenate([one_d(dim // 2, grid[0]), one_d(dim // 2, grid[1])], axis=1)
-
-
-def t_modulate(x, shift, scale):
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-
-
-def t_layer_norm(dim):
-    return tnn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-
-
-def holder(**children):
-    """A bare nn.Module holding named children, to reproduce the release's names."""
-    m = tnn.Module()
-    for name, child in children.items():
-        setattr(m, name, child)
-    return m
-
-
-class TAttention(tnn.Module):
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.heads = heads
-        self.qkv = tnn.Linear(dim, 3 * dim, bias=True)
-        self.proj = tnn.Linear(dim, dim)
-
-    def forward(self, x):
-        b, n, d = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        attn = ((q @ k.transpose(-2, -1)) * (d // self.heads) ** -0.5).softmax(dim=-1)
-        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, d))
-
-
-class TBlock(tnn.Module):
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.norm1, self.norm2 = t_layer_norm(dim), t_layer_norm(dim)
-        self.attn = TAttention(dim, heads)
-        self.mlp = holder(
-            fc1=tnn.Linear(dim, 4 * dim),
-            act=tnn.GELU(approximate="tanh"),
-            fc2=tnn.Linear(4 * dim, dim),
-        )
-        self.adaLN_modulation = tnn.Sequential(tnn.SiLU(), tnn.Linear(dim, 6 * dim))
-
-    def forward(self, x, c, m=None):
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(
-            c
-        ).chunk(6, dim=1)
-        mlp = lambda z: self.mlp.fc2(self.mlp.act(self.mlp.fc1(z)))  # noqa: E731
-        h = x if m is None else x * m
-        h = h + gate_msa.unsqueeze(1) * self.attn(t_modulate(self.norm1(h), shift_msa, scale_msa))
-        h = h + gate_mlp.unsqueeze(1) * mlp(t_modulate(self.norm2(h), shift_mlp, scale_mlp))
-        return h if m is None else h + x * (1 - m)
-
-
-class TDiT(tnn.Module):
-    """NCHW DiT with per-block routing tables (G, T, C) gathered by the per-sample t."""
-
-    def __init__(
-        self, input_size, in_channels, patch_size, hidden_size, depth, num_heads, num_classes
-    ):
-        super().__init__()
-        d, p = hidden_size, patch_size
-        self.p, self.out_channels = p, 2 * in_channels
-        self.x_embedder = holder(proj=tnn.Conv2d(in_channels, d, p, stride=p))
-        self.t_embedder = holder(
-            mlp=tnn.Sequential(tnn.Linear(256, d), tnn.SiLU(), tnn.Linear(d, d))
-        )
-        self.y_embedder = holder(embedding_table=tnn.Embedding(num_classes + 1, d))
-        pos = torch.from_numpy(mae_pos_embed(d, input_size // p)).float()[None]
-        self.pos_embed = tnn.Parameter(pos, requires_grad=False)  # as in the release
-        self.blocks = tnn.ModuleList([TBlock(d, num_heads) for _ in range(depth)])
-        self.final_layer = holder(
-            norm_final=t_layer_norm(d),
-            linear=tnn.Linear(d, p * p * self.out_channels),
-            adaLN_modulation=tnn.Sequential(tnn.SiLU(), tnn.Linear(d, 2 * d)),
-        )
-
-    @staticmethod
-    def timestep_embedding(t, dim=256, max_period=10000):
-        half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
-        args = t[:, None].float() * freqs[None]
-        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
-    def forward(self, x, t, y, tables=None):
-        x = self.x_embedder.proj(x).flatten(2).transpose(1, 2) + self.pos_embed
-        c = self.t_embedder.mlp(self.timestep_embedding(t)) + self.y_embedder.embedding_table(y)
-        for i, block in enumerate(self.blocks):
-            m = None if tables is None else tables[i % len(tables)][t].unsqueeze(1).float()
-            x = block(x, c, m)
-        fl = self.final_layer
-        shift, scale = fl.adaLN_modulation(c).chunk(2, dim=1)
-        x = fl.linear(t_modulate(fl.norm_final(x), shift, scale))
-        g, p, oc = int(x.shape[1] ** 0.5), self.p, self.out_channels
-        x = torch.einsum("nhwpqc->nchpwq", x.reshape(x.shape[0], g, g, p, p, oc))
-        return x.reshape(x.shape[0], oc, g * p, g * p)
 
 
 def torch_to_flax(state_dict):
@@ -293,6 +177,13 @@ def test_forward_matches_torch(ref, kind):
     with torch.no_grad():
         want = tmodel(xt, tt, yt, None if tables is None else torch.from_numpy(tables)).numpy()
     check_close(f"forward_{kind}", nchw(got), want)
+    if tables is not None:  # the release's layout: a routing buffer per block, same output
+        routed = TDiT(**CFG, tables=tables).eval()
+        missing, unexpected = routed.load_state_dict(tmodel.state_dict(), strict=False)
+        assert not unexpected
+        assert sorted(missing) == [f"blocks.{i}.routing._unit_mapping" for i in range(CFG["depth"])]
+        with torch.no_grad():
+            np.testing.assert_array_equal(routed(xt, tt, yt).numpy(), want)
     if kind != "none":  # the routing is not vacuous
         assert np.max(np.abs(np.asarray(got - fwd(params, xj, tj, yj)))) > 1e-2
 
