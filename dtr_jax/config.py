@@ -10,6 +10,7 @@ must match them.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 
 import ml_collections
@@ -21,6 +22,7 @@ from dtr_jax import (
     decoders,
     diffusion,
     evaluators,
+    lock,
     models,
     optimizer,
     routing,
@@ -40,6 +42,7 @@ __all__ = [
     "model_spec",
     "parse_labels",
     "signature",
+    "unknown_field_problems",
     "validate",
 ]
 
@@ -111,6 +114,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.max_to_keep = 3
     c.checkpoint.async_save = True
+    c.checkpoint.lock_lease_secs = 600.0  # a trainer lock older than this (other host) is stale
 
     c.sample = ml_collections.ConfigDict()
     c.sample.sampler = "ddpm"
@@ -149,15 +153,39 @@ def load_config(path: str, **overrides) -> ml_collections.ConfigDict:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
+    raise_problems(unknown_field_problems(config, overrides))
     for name, value in overrides.items():
         *parents, leaf = name.split(".")
         node = config
         for part in parents:
             node = node[part]
-        if leaf not in node:
-            raise KeyError(f"config has no field {name!r}")
         node[leaf] = value
     return config
+
+
+def unknown_field_problems(config, names) -> list[str]:
+    """One problem per dotted name in `names` that is not a field (or section) of
+    `config`, suggesting the closest fields: same section first, then anywhere."""
+    known = sorted(flat_fields(config))
+    sections = {k.rsplit(".", i)[0] for k in known for i in range(1, k.count(".") + 1)}
+    out = []
+    for name in names:
+        if name in known or name in sections:
+            continue
+        section, _, leaf = name.rpartition(".")
+        siblings = {k.rpartition(".")[2]: k for k in known if k.rpartition(".")[0] == section}
+        close = [siblings[m] for m in difflib.get_close_matches(leaf, siblings, n=2)]
+        if not close:
+            leaves = {k: k.rpartition(".")[2] for k in known}
+            matches = difflib.get_close_matches(leaf, set(leaves.values()), n=2)
+            close = [k for k, v in leaves.items() if v in matches][:3]
+        hint = (
+            f": did you mean {' or '.join(f'--config.{k}' for k in close)}?"
+            if close
+            else " (every field and its default is in dtr_jax/config.py: default_config)"
+        )
+        out.append(f"--config.{name} is not a config field{hint}")
+    return out
 
 
 def parse_labels(text: str) -> list[int]:
@@ -294,7 +322,12 @@ def _training_problems(c, num_devices: int) -> list[str]:
             num_timesteps=c.diffusion.num_timesteps,
         ),
     )
-    found += _named("checkpoint", c, integer_problems("max_to_keep", c.checkpoint.max_to_keep))
+    k = c.checkpoint
+    found += _named(
+        "checkpoint",
+        c,
+        integer_problems("max_to_keep", k.max_to_keep) + lock.problems(k.lock_lease_secs),
+    )
     return found
 
 

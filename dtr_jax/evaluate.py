@@ -53,6 +53,7 @@ def evaluate_mode(config, workdir: str) -> dict:
     Writes WORKDIR/eval/<name>.json and returns the metrics.
     """
     config_lib.validate(config, jax.device_count(), mode="evaluate")
+    files.check_writable_dir(str(_results_dir(workdir)), "the results directory")
     e = config.eval
     classes = selected(config)
     if e.samples:
@@ -70,10 +71,14 @@ def evaluate_mode(config, workdir: str) -> dict:
     return results
 
 
+def _results_dir(workdir: str):
+    return files.resolve(workdir) / "eval"
+
+
 def _write_results(workdir: str, name: str, results: dict) -> None:
     logging.info("Evaluation of %s: %s", name, results)
     if jax.process_index() == 0:
-        out_dir = files.resolve(workdir) / "eval"
+        out_dir = _results_dir(workdir)
         out_dir.mkdir(parents=True, exist_ok=True)
         text = json.dumps(results, indent=2, sort_keys=True) + "\n"
         files.write_atomically(str(out_dir / f"{name}.json"), text.encode())

@@ -39,6 +39,7 @@ import dtr_jax
 from dtr_jax import config as config_lib
 from dtr_jax import files, inference, routing, sharding
 from dtr_jax.diffusion import GaussianDiffusion, sampling_problems
+from dtr_jax.errors import ConfigError
 from dtr_jax.models import DiT
 
 FORMAT = "dtr_jax.export"
@@ -188,9 +189,11 @@ def _check_replaceable(out: str) -> None:
     if not os.path.lexists(out):
         return
     if not os.path.isdir(out) or (os.listdir(out) and not os.path.isfile(f"{out}/{JSON}")):
-        raise ValueError(
-            f"refusing to write an export to {out}: it exists and is not a dtr_jax export "
-            f"(no {JSON}); choose another export.dir"
+        raise ConfigError(
+            [
+                f"export.dir: refusing to write an export to {out}: it exists and is not a "
+                f"dtr_jax export (no {JSON}); choose another export.dir"
+            ]
         )
 
 
@@ -224,10 +227,14 @@ def _write_remote(out_dir: str, contents: dict[str, Callable[[], bytes]]) -> Non
 def export_mode(config, workdir: str) -> str:
     """--mode export: WORKDIR's latest EMA (or raw) params -> export.dir (or WORKDIR/export)."""
     config_lib.validate(config, jax.device_count(), mode="export")
+    out_dir = config.export.dir or str(files.resolve(workdir) / "export")
+    if not files.is_remote(out_dir):  # refused before anything is read or compiled
+        out = os.path.abspath(out_dir)
+        files.check_writable_dir(os.path.dirname(out), "the export directory's parent")
+        _check_replaceable(out)
     mesh = sharding.make_mesh(config.mesh)
     use_ema = bool(config.export.use_ema)
     dm, params, step = inference.restore_params(config, workdir, mesh, use_ema=use_ema)
-    out_dir = config.export.dir or str(files.resolve(workdir) / "export")
     return export(sharding.host_gather(params), config, out_dir, tables=dm.tables, step=step)
 
 

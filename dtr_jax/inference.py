@@ -104,15 +104,16 @@ def sample_fn(dm: DiffusionModel, s):
 
 
 def restore_params(config, workdir: str, mesh, use_ema: bool = True):
-    """(DiffusionModel, params sharded on `mesh`, step) from WORKDIR's latest checkpoint,
-    which must be of this config's model. Reads only the EMA (or raw) params."""
-    step = checkpoint.require_checkpoint(workdir, signature(config))
+    """(DiffusionModel, params sharded on `mesh`, step) from WORKDIR's newest valid
+    checkpoint, which must be of this config's model (`checkpoint.Checkpoints` verifies
+    it and falls back to older ones). Reads only the EMA (or raw) params."""
+    checkpoint.require_checkpoint(workdir, signature(config))
     dm = from_config(config)
     abstract, shardings = dm.param_layout(mesh)
     target = checkpoint.restore_target(abstract, shardings)
     ckpt = checkpoint.Checkpoints(workdir, read_only=True)
     try:
-        params = ckpt.restore_params(target, "ema_params" if use_ema else "params", step)
+        params, step = ckpt.restore_params(target, "ema_params" if use_ema else "params")
     finally:
         ckpt.close()
     return dm, params, step

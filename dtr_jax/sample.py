@@ -136,8 +136,9 @@ def sample_mode(config, workdir: str) -> str:
     arr_1: labels) and a PNG grid of the first images; returns the .npz path.
     """
     config_lib.validate(config, jax.device_count(), mode="sample")
-    images, labels, step = sample_images(config, workdir, config.sample.num_samples)
     out_dir = files.resolve(workdir) / "samples"
+    files.check_writable_dir(str(out_dir), "the samples directory")
+    images, labels, step = sample_images(config, workdir, config.sample.num_samples)
     path = str(out_dir / f"{run_name(config, step)}.npz")
     if jax.process_index() == 0:
         out_dir.mkdir(parents=True, exist_ok=True)

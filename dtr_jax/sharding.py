@@ -137,6 +137,13 @@ def host_gather(tree):
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
+def all_hosts_agree(ok: bool) -> bool:
+    """True only if `ok` holds on every process (a collective with several processes)."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+
+
 def sync_hosts(name: str) -> None:
     """Waits until every process reaches this point (a no-op with one process)."""
     if jax.process_count() > 1:

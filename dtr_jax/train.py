@@ -21,11 +21,12 @@ import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from dtr_jax import checkpoint, decoders, evaluate, files, plots, sample, sharding
+from dtr_jax import checkpoint, decoders, evaluate, files, lock, plots, sample, sharding
 from dtr_jax import config as config_lib
 from dtr_jax import step as step_lib
 from dtr_jax.data import get_source
 from dtr_jax.data.pipeline import device_batches
+from dtr_jax.errors import TrainingDiverged
 from dtr_jax.step import TrainSetup, TrainState
 
 
@@ -49,14 +50,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     setup = step_lib.create_setup(config)
     mesh = sharding.make_mesh(config.mesh, devices)
     c = config.checkpoint
-    ckpt = checkpoint.Checkpoints(workdir, max_to_keep=c.max_to_keep, async_save=c.async_save)
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-    try:
-        return _train(setup, mesh, ckpt, writer, workdir)
-    finally:
-        ckpt.wait()
-        ckpt.close()
-        writer.flush()
+    with lock.WorkdirLock(workdir, c.lock_lease_secs):
+        ckpt = checkpoint.Checkpoints(
+            workdir, max_to_keep=c.max_to_keep, async_save=c.async_save, owner=True
+        )
+        writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+        try:
+            state = _train(setup, mesh, ckpt, writer, workdir)
+            ckpt.wait()  # the last save is committed before the run reports success
+            return state
+        finally:
+            ckpt.close()
+            writer.flush()
 
 
 def _train(setup: TrainSetup, mesh, ckpt, writer, workdir: str) -> TrainState:
@@ -92,8 +97,9 @@ def _train(setup: TrainSetup, mesh, ckpt, writer, workdir: str) -> TrainState:
 
 def _restore_or_create(setup, mesh, abstract, shardings, ckpt, writer, workdir) -> TrainState:
     if ckpt.latest_step() is not None:
-        logging.info("Resuming from %s at step %d", workdir, ckpt.latest_step())
-        return ckpt.restore(checkpoint.restore_target(abstract, shardings))
+        state, step = ckpt.restore(checkpoint.restore_target(abstract, shardings))
+        logging.info("Resuming from %s at step %d", workdir, step)
+        return state
     writer.write_hparams(config_lib.flat_fields(setup.config))
     if setup.dm.tables is not None and jax.process_index() == 0:
         r = setup.config.model.routing
@@ -136,11 +142,11 @@ class MetricsLog:
         self.pending, self.tick = [], (step, now)
 
     def check_finite(self, step: int) -> dict:
-        """The summary of the pending metrics; raises FloatingPointError if the loss is
+        """The summary of the pending metrics; raises TrainingDiverged if the loss is
         not finite (the run stops without saving: the last good checkpoint stays)."""
         summary = step_lib.summarize(self.pending, self.boundaries) if self.pending else {}
         if not np.isfinite(summary.get("loss", 0.0)):
-            raise FloatingPointError(
+            raise TrainingDiverged(
                 f"loss is {summary['loss']} at step {step}: stopping without saving; the last "
                 f"good checkpoint is step {self.last_good()}"
             )
@@ -158,6 +164,7 @@ class Checkpointing:
         self.saved = None
 
     def __call__(self, step: int, state: TrainState) -> None:
+        self.ckpt.poll()  # commits a finished save as soon as possible
         if due(step, self.every, self.last):
             self.save(step, state)
 
