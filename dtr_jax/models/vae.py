@@ -27,22 +27,37 @@ functions work in model space:
 
 Both are jit-friendly (`jax.jit(functools.partial(encode, vae))`); params are float32,
 `AutoencoderKL(dtype=jnp.bfloat16)` computes in bfloat16 (GroupNorm statistics and the
-attention softmax stay float32). Nothing here downloads anything.
+attention softmax stay float32).
+
+Weights (`load_vae`): a local diffusers folder (config.json +
+diffusion_pytorch_model.safetensors, or .bin where torch is installed), or a single
+.safetensors / .bin state dict read with the SD VAE's architecture. fp16 / bf16 weights
+are cast to float32; old attention names (query, key, value, proj_attn) and 1x1-conv
+attention weights are accepted. Nothing here downloads anything.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+import safetensors
+from flax import traverse_util
 
-from dtr_jax.errors import integer_problems, raise_problems
+from dtr_jax.errors import ConfigError, integer_problems, raise_problems
 
 Dtype = Any
+CONFIG_FILE = "config.json"
+# Weight files of a diffusers folder, in order of preference (.bin needs torch).
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 EPS = 1e-6  # every GroupNorm of the diffusers VAE
 LOGVAR_RANGE = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamp
 
@@ -357,3 +372,188 @@ def decode(vae: AutoencoderKL, params, latents) -> jax.Array:
     c = vae.config
     z = latents / c.scaling_factor + c.shift_factor
     return vae.apply({"params": params}, z, method=AutoencoderKL.decode_latents)
+
+
+# --- weights -------------------------------------------------------------------------------
+
+
+def load_vae(path: str, config: VAEConfig | None = None, dtype: Dtype = jnp.float32):
+    """(AutoencoderKL, float32 params as numpy) from local diffusers weights; nothing is
+    downloaded.
+
+    `path` is a diffusers folder (config.json and diffusion_pytorch_model.safetensors, or
+    .bin, which needs torch) or one .safetensors / .bin file of a diffusers state dict,
+    read with the SD VAE's architecture (`VAEConfig()`). A given `config` replaces
+    either. Raises ConfigError naming the file, and the first tensor at fault, when a
+    file is missing, unreadable or truncated, or a tensor is missing, unexpected or
+    mis-shaped.
+    """
+    path = os.fspath(path)
+    raise_problems([f"{path!r}: {p}" for p in _path_problems(path)])
+    if os.path.isdir(path):
+        config = config or read_config(os.path.join(path, CONFIG_FILE))
+        path = _weights_in(path)
+    vae = AutoencoderKL(config or VAEConfig(), dtype)
+    source = repr(path)
+    return vae, convert_state_dict(read_state_dict(path), abstract_params(vae), source=source)
+
+
+def problems(path: str, batch_size) -> list[str]:
+    """Problems with a `vae` config section (`path`, `batch_size`), each naming its field.
+
+    Checks that the files exist; their contents are checked when they are loaded.
+    """
+    out = integer_problems("batch_size", batch_size)
+    if not path:
+        return out + [
+            "path='' names no VAE: set it to a local diffusers AutoencoderKL folder (config.json "
+            "+ diffusion_pytorch_model.safetensors), e.g. your download of stabilityai/"
+            "sd-vae-ft-ema or sd-vae-ft-mse, or to its .safetensors file"
+        ]
+    return out + [f"path={path!r}: {p}" for p in _path_problems(path)]
+
+
+def _path_problems(path: str) -> list[str]:
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, CONFIG_FILE)):
+            return [
+                f"the folder has no {CONFIG_FILE} (a diffusers AutoencoderKL folder has one; "
+                "for a Stable Diffusion pipeline folder, name its vae/ subfolder)"
+            ]
+        if _weights_in(path) is None:
+            return [f"the folder has none of {list(WEIGHT_FILES)}"]
+        return []
+    if not os.path.isfile(path):
+        return ["no such file or folder"]
+    if not path.endswith((".safetensors", ".bin")):
+        return ["must be a diffusers folder, or a .safetensors or .bin file"]
+    return []
+
+
+def _weights_in(folder: str) -> str | None:
+    """The first of WEIGHT_FILES in `folder` (None if none is)."""
+    paths = (os.path.join(folder, name) for name in WEIGHT_FILES)
+    return next((p for p in paths if os.path.isfile(p)), None)
+
+
+def read_config(path: str) -> VAEConfig:
+    """The VAEConfig of a diffusers config.json."""
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError([f"{path!r} is not a readable JSON file ({e})"]) from None
+    if not isinstance(d, dict):
+        raise ConfigError([f"{path!r} does not hold a JSON object"])
+    return VAEConfig.from_diffusers(d, source=repr(path))
+
+
+def read_state_dict(path: str) -> dict[str, np.ndarray]:
+    """name -> float32 array of a .safetensors file, or of a PyTorch .bin (needs torch)."""
+    if path.endswith(".bin"):
+        return _read_bin(path)
+    try:
+        with safetensors.safe_open(path, framework="flax") as f:  # flax: bf16 too
+            return {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()}
+    except (OSError, ValueError, safetensors.SafetensorError) as e:
+        cut = _first_truncated(path)
+        raise ConfigError([f"{path!r} is not a readable safetensors file ({e}){cut}"]) from None
+
+
+def _first_truncated(path: str) -> str:
+    """'; first incomplete tensor: ...' for a safetensors file cut short, else ''."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n)) if 8 + n <= size else {}
+        ends = sorted((v["data_offsets"][1], k) for k, v in header.items() if k != "__metadata__")
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return ""
+    for end, name in ends:
+        if 8 + n + end > size:
+            return f"; first incomplete tensor: {name!r} (ends at byte {8 + n + end} of {size})"
+    return ""
+
+
+def _read_bin(path: str) -> dict[str, np.ndarray]:
+    try:
+        import torch  # only for .bin files
+    except ImportError:
+        raise ConfigError(
+            [f"{path!r} is a PyTorch file: reading it needs torch; or use the .safetensors file"]
+        ) from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return {k: v.detach().float().numpy() for k, v in state.items()}
+    except Exception as e:  # torch raises many kinds on a bad file
+        raise ConfigError([f"{path!r} is not a readable PyTorch state dict ({e})"]) from None
+
+
+# Old diffusers attention names (still in some SD VAE files) -> the current ones.
+_OLD_ATTENTION = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
+_NEW_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def torch_name(path: tuple[str, ...]) -> str:
+    """The diffusers state-dict key of a Flax param path: ('encoder', 'down_blocks_0',
+    'resnets_1', 'conv1', 'kernel') -> 'encoder.down_blocks.0.resnets.1.conv1.weight'."""
+    *modules, leaf = path
+    parts = [re.sub(r"_(\d+)$", r".\1", m) for m in modules]
+    return ".".join(parts + ["bias" if leaf == "bias" else "weight"])
+
+
+def _torch_shape(leaf: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    if leaf == "kernel" and len(shape) == 4:  # HWIO -> OIHW
+        return (shape[3], shape[2], shape[0], shape[1])
+    if leaf == "kernel":  # (in, out) -> (out, in)
+        return shape[::-1]
+    return shape
+
+
+def _to_flax(leaf: str, w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | None:
+    """A torch weight as the Flax leaf of `shape` (None if its shape does not fit);
+    1x1-conv attention weights are taken as Linear ones."""
+    if leaf == "kernel" and len(shape) == 2 and w.ndim == 4 and w.shape[2:] == (1, 1):
+        w = w[:, :, 0, 0]
+    if tuple(w.shape) != _torch_shape(leaf, shape):
+        return None
+    if leaf == "kernel":
+        return w.transpose(2, 3, 1, 0) if w.ndim == 4 else w.T
+    return w
+
+
+def convert_state_dict(state_dict: Mapping, abstract: Mapping, source: str = "state dict") -> dict:
+    """A diffusers AutoencoderKL state dict (name -> array) -> the params tree `abstract`
+    describes (`abstract_params(vae)`), float32. Old attention names (query, key, value,
+    proj_attn) and 1x1-conv attention weights are accepted. Raises ConfigError naming
+    `source` and the first missing, mis-shaped and unexpected tensor."""
+    sd = dict(state_dict)
+    for key in list(sd):
+        m = _OLD_ATTENTION.match(key)
+        new = m and f"{m[1]}.{_NEW_NAMES[m[2]]}.{m[3]}"
+        if new and new not in sd:
+            sd[new] = sd.pop(key)
+    params, missing, wrong = {}, [], []
+    for path, spec in traverse_util.flatten_dict(abstract).items():
+        key, expected = torch_name(path), _torch_shape(path[-1], spec.shape)
+        if key not in sd:
+            missing.append(f"{key!r} (expected shape {expected})")
+            continue
+        w = np.asarray(sd.pop(key), np.float32)
+        params[path] = _to_flax(path[-1], w, spec.shape)
+        if params[path] is None:
+            wrong.append(f"{key!r} has shape {tuple(w.shape)}, expected {expected}")
+    found = _first(f"{source}: missing tensor", missing)
+    found += _first(f"{source}: tensor", wrong)
+    found += _first(f"{source}: unexpected tensor", [repr(k) for k in sd])
+    raise_problems(found)
+    return traverse_util.unflatten_dict(params)
+
+
+def _first(what: str, items: list[str]) -> list[str]:
+    """[] or one problem about the first of `items` (and how many more there are)."""
+    if not items:
+        return []
+    more = f" (and {len(items) - 1} more)" if len(items) > 1 else ""
+    return [f"{what} {items[0]}{more}"]
