@@ -127,8 +127,14 @@ def _architecture_problems(d: Mapping, v: dict) -> list[str]:
     out = []
     if d.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
         out.append(f"_class_name={d['_class_name']!r} is not an AutoencoderKL")
-    names = ("in_channels", "out_channels", "latent_channels", "layers_per_block")
-    for name in names + ("norm_num_groups",):
+    sizes = (
+        "in_channels",
+        "out_channels",
+        "latent_channels",
+        "layers_per_block",
+        "norm_num_groups",
+    )
+    for name in sizes:
         out += integer_problems(name, v[name])
     channels = v["block_out_channels"]
     if not (isinstance(channels, (list, tuple)) and channels):
@@ -137,7 +143,9 @@ def _architecture_problems(d: Mapping, v: dict) -> list[str]:
         out += integer_problems("block_out_channels", c)
     groups = v["norm_num_groups"]
     if not out and any(c % groups for c in channels):
-        out.append(f"block_out_channels={list(channels)} are not all divisible by {groups=}")
+        out.append(
+            f"block_out_channels={list(channels)} are not all divisible by norm_num_groups={groups}"
+        )
     n = len(channels)
     for name, block in (
         ("down_block_types", "DownEncoderBlock2D"),
