@@ -128,7 +128,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.sample.labels = ""  # '' = uniform random; or '0,1,2'
     c.sample.seed = 0
     c.sample.grid_per_class = 8  # columns of the per-class PNG grid
-    c.sample.decoder = "latents"  # 'pixels', 'latents' (saved raw) or a registered VAE
+    c.sample.decoder = "latents"  # 'pixels', 'latents' (saved raw) or 'sd_vae' (vae.path)
+
+    c.vae = ml_collections.ConfigDict()  # the VAE of sample.decoder=sd_vae
+    c.vae.path = ""  # local diffusers folder (or .safetensors) of sd-vae-ft-ema / sd-vae-ft-mse
+    c.vae.batch_size = 64  # global images per VAE encode/decode batch
 
     c.eval = ml_collections.ConfigDict()
     c.eval.metrics = ""  # evaluators, e.g. 'digits,inception'; '' = the data's own (+ inception)
@@ -239,8 +243,9 @@ def validate(config, num_devices: int, mode: str = "train") -> None:
     """Raises ConfigError listing every invalid field; returns None if all is well.
 
     Each `--mode` checks what it uses: all check the model, diffusion, sampling
-    and mesh; training adds the loop, optimizer, weighting, data and checkpoint
-    fields; evaluation adds the evaluators and their files.
+    and mesh; the modes that decode samples add the decoder's own section (`vae`);
+    training adds the loop, optimizer, weighting, data and checkpoint fields;
+    evaluation adds the evaluators and their files.
     """
     if mode not in MODES:
         raise ConfigError([f"--mode={mode!r} is unknown: allowed {list(MODES)}"])
@@ -253,6 +258,8 @@ def validate(config, num_devices: int, mode: str = "train") -> None:
     found += _named("diffusion", c, diffusion.problems(d.schedule, d.num_timesteps))
     found += _named("mesh", c, sharding.problems(c.mesh.data, c.mesh.fsdp, num_devices))
     found += _named("sample", c, _sampling_problems(c))
+    if mode in ("train", "sample") or (mode == "evaluate" and not c.eval.samples):
+        found += _decoder_problems(c)
     if mode == "train":
         found += _training_problems(c, num_devices)
     if mode in ("train", "evaluate"):
@@ -291,6 +298,14 @@ def _sampling_problems(c) -> list[str]:
             f"labels has {bad}: labels must lie in [0, model.num_classes={c.model.num_classes})"
         )
     return found
+
+
+def _decoder_problems(c) -> list[str]:
+    """The config section the decoder reads (`vae` for sd_vae), in the modes that decode."""
+    if c.sample.decoder not in decoders.DECODERS:
+        return []  # reported with the sample section
+    cls = decoders.DECODERS.get(c.sample.decoder)
+    return _named(cls.section, c, cls.problems(c[cls.section])) if cls.section else []
 
 
 def _training_problems(c, num_devices: int) -> list[str]:

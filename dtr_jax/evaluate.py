@@ -16,7 +16,7 @@ import numpy as np
 from absl import logging
 
 from dtr_jax import config as config_lib
-from dtr_jax import decoders, evaluators, files, sample
+from dtr_jax import evaluators, files, sample
 
 
 def selected(config) -> list[type[evaluators.Evaluator]]:
@@ -33,16 +33,17 @@ def evaluate_images(instances, images: np.ndarray, labels) -> dict:
 
 class InLoopEvaluation:
     """Built once per run (classifier, Inception weights, reference features); called
-    every eval_every_steps with the run's Sampler on `eval.num_samples` fresh samples."""
+    every eval_every_steps with the run's Sampler on `eval.num_samples` fresh samples,
+    made images by the run's image decoder `decode`."""
 
-    def __init__(self, config):
-        self.config = config
+    def __init__(self, config, decode):
+        self.config, self.decode = config, decode
         self.instances = [cls(config.eval) for cls in selected(config)]
 
     def __call__(self, sampler, params) -> dict:
         c = self.config
         labels = sample.labels_for(c.sample, c.model.num_classes, c.eval.num_samples)
-        images = decoders.to_uint8(sampler(params, labels, jax.random.key(c.sample.seed)))
+        images = self.decode(sampler(params, labels, jax.random.key(c.sample.seed)))
         results = evaluate_images(self.instances, images, labels)
         return {f"eval/{k}": v for k, v in results.items()}
 

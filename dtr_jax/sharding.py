@@ -103,6 +103,15 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH))
 
 
+def put_batch(x: np.ndarray, mesh: Mesh) -> jax.Array:
+    """A host array (the same on every host) as one global array split over the batch
+    shards, its rows repeated cyclically up to a multiple of the shards: slice what the
+    computation gives back to len(x)."""
+    shards = batch_shards(mesh)
+    padded = np.resize(x, (-(-len(x) // shards) * shards, *np.shape(x)[1:]))
+    return jax.make_array_from_callback(padded.shape, batch_sharding(mesh), lambda i: padded[i])
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

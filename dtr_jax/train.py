@@ -74,9 +74,10 @@ def _train(setup: TrainSetup, mesh, ckpt, writer, workdir: str) -> TrainState:
     tables = None if setup.dm.tables is None else jax.device_put(setup.dm.tables, rep)
     batches = device_batches(get_source(cfg), cfg, sharding.batch_sharding(mesh), start)
     sampler = _SamplerCache(setup, mesh)
+    decode = decoders.create(cfg, mesh)  # loads a VAE once, before the first step
     log = MetricsLog(writer, setup, start, last_good=ckpt.latest_step)
     saver = Checkpointing(ckpt, cfg, log)
-    actions = [log, *_sampling_actions(setup, sampler, writer), saver]
+    actions = [log, *_sampling_actions(setup, sampler, decode, writer), saver]
     actions += _clu_hooks(cfg, writer, workdir, start)
     with sharding.mesh_context(mesh), Preemption(ckpt) as preempted:
         for step in range(start + 1, cfg.num_train_steps + 1):
@@ -91,7 +92,7 @@ def _train(setup: TrainSetup, mesh, ckpt, writer, workdir: str) -> TrainState:
                 saver.save(step, state, force=True)
                 logging.warning("Stopped at step %d after SIGTERM; checkpoint saved.", step)
                 return state
-        _final_outputs(setup, state, sampler, log, workdir)
+        _final_outputs(setup, state, sampler, decode, log, workdir)
     return state
 
 
@@ -199,17 +200,18 @@ class _SamplerCache:
         return self._sampler
 
 
-def _sampling_actions(setup: TrainSetup, sampler: _SamplerCache, writer) -> list[Every]:
+def _sampling_actions(setup: TrainSetup, sampler: _SamplerCache, decode, writer) -> list[Every]:
     cfg = setup.config
     actions = []
-    if cfg.sample_every_steps and decoders.gives_images(cfg.sample.decoder):
+    if cfg.sample_every_steps and decode.gives_images:
 
         def write_grid(step, state):
-            writer.write_images(step, {"samples": _class_grid(setup, sampler, state)[None]})
+            grid = _class_grid(setup, sampler, decode, state)
+            writer.write_images(step, {"samples": grid[None]})
 
         actions.append(Every(cfg.sample_every_steps, cfg.num_train_steps, write_grid))
     if cfg.eval_every_steps:
-        evaluation = evaluate.InLoopEvaluation(cfg)
+        evaluation = evaluate.InLoopEvaluation(cfg, decode)
 
         def write_metrics(step, state):
             params = state.ema_params
@@ -279,26 +281,24 @@ class Preemption:
 # --- the end of a run -----------------------------------------------------------------------
 
 
-def _class_grid(setup: TrainSetup, sampler: _SamplerCache, state: TrainState) -> np.ndarray:
+def _class_grid(setup: TrainSetup, sampler: _SamplerCache, decode, state) -> np.ndarray:
     s, params = setup.config.sample, state.ema_params
-    return sample.class_grid(
-        sampler(params), params, setup.dm.model.num_classes, s.grid_per_class, s.seed
-    )
+    num_classes = setup.dm.model.num_classes
+    return sample.class_grid(sampler(params), decode, params, num_classes, s.grid_per_class, s.seed)
 
 
-def _final_outputs(setup: TrainSetup, state: TrainState, sampler, log: MetricsLog, workdir):
+def _final_outputs(setup: TrainSetup, state, sampler, decode, log: MetricsLog, workdir):
     """The trained EMA params (msgpack), a PNG grid of samples with a row per class (if the
     decoder gives images) and the plot of the loss per timestep interval."""
     out = files.resolve(workdir)
     params_path = str(out / "ema_params.msgpack")
     save_params(sharding.host_gather(state.ema_params), params_path)
     logging.info("Wrote %s", params_path)
-    gives_images = decoders.gives_images(setup.config.sample.decoder)
-    image = _class_grid(setup, sampler, state) if gives_images else None
+    image = _class_grid(setup, sampler, decode, state) if decode.gives_images else None
     if jax.process_index() > 0:
         return
     if image is not None:
-        scale = max(1, 128 // setup.dm.model.input_size)
+        scale = max(1, 128 // (setup.dm.model.input_size * decode.upscale))
         sample.save_png(str(out / "samples.png"), image, scale=scale)
     if log.cluster_loss:
         title = f"step {int(jax.device_get(state.step))}, mean over the last log interval"

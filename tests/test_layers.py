@@ -26,6 +26,7 @@ LAYERS = [
             "dtr_jax.models",
             "dtr_jax.models.dit",
             "dtr_jax.models.inception",
+            "dtr_jax.models.vae",
             "dtr_jax.diffusion",
             "dtr_jax.weighting",
             "dtr_jax.optimizer",

@@ -130,5 +130,5 @@ def test_sample_mode_without_checkpoint_or_with_unknown_decoder(tmp_path):
     with pytest.raises(CheckpointError, match="no committed checkpoint"):
         run("sample", tiny(), str(tmp_path))
     with pytest.raises(ConfigError, match="sample.decoder"):
-        run("sample", tiny(**{"sample.decoder": "sd_vae"}), str(tmp_path))
+        run("sample", tiny(**{"sample.decoder": "taesd"}), str(tmp_path))
     assert not any(tmp_path.iterdir())

@@ -185,7 +185,7 @@ def test_paper_configs_run_two_synthetic_steps(name, extra, tmp_path):
     kernel = state.params["x_embedder"]["proj"]["kernel"]
     assert kernel.shape[-1] == {"dit_s": 384, "dit_b": 768, "dit_l": 1024, "dit_xl": 1152}[name]
     assert kernel.dtype == jnp.float32  # params stay float32 under bf16 compute
-    assert not (tmp_path / "samples.png").exists()  # latents: no VAE decoder registered yet
+    assert not (tmp_path / "samples.png").exists()  # sample.decoder=latents: no images
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
