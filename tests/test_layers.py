@@ -39,6 +39,7 @@ LAYERS = [
             "dtr_jax.sharding",
             "dtr_jax.checkpoint",
             "dtr_jax.plots",
+            "dtr_jax.interop",
         ],
     ),
     ("config", ["dtr_jax.config"]),
