@@ -315,6 +315,8 @@ class Exported:
 def from_pytorch(config, use_ema: bool = True) -> Exported:
     """The official-layout PyTorch file `config.init_from` as an `Exported` (apply,
     sample), for `config`'s model; checked as `--mode export` checks it."""
+    if not config.init_from:
+        raise config_lib.ConfigError(["init_from='' must name the PyTorch file to load"])
     config_lib.validate(config, jax.device_count(), mode="export")
     mesh = sharding.make_mesh(config.mesh)
     dm, params, step = inference.imported_params(config, mesh, use_ema)

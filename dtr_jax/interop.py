@@ -207,16 +207,22 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"has an unreadable safetensors header: {e}") from None
     header.pop("__metadata__", None)
+    try:
+        entries = sorted(
+            (int(v["data_offsets"][0]), int(v["data_offsets"][1]), k, v["dtype"], tuple(v["shape"]))
+            for k, v in header.items()
+        )
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise ValueError(f"has a malformed safetensors header ({e!r})") from None
     out = {}
-    for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-        start, end = info["data_offsets"]
+    for start, end, key, dtype, shape in entries:
         if 8 + n + end > size:
             raise ValueError(
                 f"is cut short: tensor {key!r} ends at byte {8 + n + end}, the file has {size}"
             )
-        if info["dtype"] not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"tensor {key!r} has the unsupported dtype {info['dtype']}")
-        dtype, shape = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]]), tuple(info["shape"])
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"tensor {key!r} has the unsupported dtype {dtype}")
+        dtype = np.dtype(_SAFETENSORS_DTYPES[dtype])
         if end == start:
             out[key] = np.zeros(shape, dtype)
         else:
@@ -255,8 +261,14 @@ def read_torch(path: str):
         with torch.serialization.safe_globals(stand_ins):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # a foreign file fails in torch's reader in many ways, all "unreadable"
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"cannot be read with torch.load(weights_only=True): {first}") from e
+        raise ValueError(f"cannot be read with torch.load(weights_only=True): {_reason(e)}") from e
+
+
+def _reason(error: Exception) -> str:
+    """The line of a torch.load error that says why (torch wraps it in advice)."""
+    boilerplate = ("Weights only load failed", "Check the documentation", "Please file an issue")
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return next((x for x in lines if not x.startswith(boilerplate)), type(error).__name__)
 
 
 def _strip_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -340,10 +352,10 @@ class Checkpoint:
 
     @staticmethod
     def _moments(entries: dict, group: Mapping, convert) -> AdamMoments:
-        steps = {int(to_numpy(e["step"])) for e in entries.values()}
+        """`entries` (checked by `_opt_entries`: one step count) converted by `convert`."""
         settings = {k: group[k] for k in ("lr", "betas", "eps", "weight_decay") if k in group}
         return AdamMoments(
-            count=steps.pop(),
+            count=int(to_numpy(next(iter(entries.values()))["step"])),
             mu=convert({k: to_numpy(e["exp_avg"]) for k, e in entries.items()}),
             nu=convert({k: to_numpy(e["exp_avg_sq"]) for k, e in entries.items()}),
             settings=settings,
@@ -382,6 +394,9 @@ class Checkpoint:
         uw_entry = None
         if self.uw is not None and len(groups) > 1 and len(groups[1]["params"]) == 1:
             uw_entry = state.get(groups[1]["params"][0])
+            shape = None if uw_entry is None else tuple(uw_entry["exp_avg"].shape)
+            if shape not in (None, tuple(self.uw["loss_scale"].shape)):
+                raise ValueError(f"'opt' moments of the UW 'loss_scale' have shape {shape}")
         return entries, uw_entry
 
     # --- checks
@@ -649,14 +664,22 @@ def save(state_dict: Mapping[str, np.ndarray], path: str) -> None:
 __all__ = [
     "AdamMoments",
     "Checkpoint",
+    "Inert",
     "classify_tables",
+    "describe_tables",
     "first_mismatch",
+    "full_tables",
     "open_checkpoint",
     "params_from_torch",
     "params_to_torch",
+    "read_safetensors",
     "read_tables",
+    "read_torch",
     "save",
+    "serialize",
     "tables_digest",
+    "tables_problems",
+    "torch_available",
     "torch_shapes",
     "with_adam",
 ]
