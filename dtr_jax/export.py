@@ -54,7 +54,7 @@ SAFETENSORS = "model.safetensors"
 MSGPACK = "model.msgpack"
 TORCH_SAFETENSORS = "pytorch_model.safetensors"
 TORCH_PT = "pytorch_model.pt"
-TABLES_KEY = "routing.tables"
+TABLES_KEY = interop.EXPORT_TABLES_KEY  # the routing tables in model.safetensors
 CUSTOM = "custom"  # routing kind of tables that exist only in the export (no spec rebuilds them)
 
 

@@ -142,7 +142,7 @@ def imported_params(config, mesh, use_ema: bool = True):
     dm = from_config(config)
     ckpt = interop.open_checkpoint(config.init_from)
     _, shardings = dm.param_layout(mesh)
-    params = jax.device_put(ckpt.params(ema=use_ema), shardings)
+    params = sharding.from_host(ckpt.params(ema=use_ema), shardings)
     logging.info(
         "Read the %s params of %s: %s",
         "EMA" if use_ema else "raw",

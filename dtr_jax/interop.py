@@ -55,7 +55,7 @@ from dtr_jax.models.dit import DiT, sincos_pos_embed
 
 SUFFIXES = (".pt", ".pth", ".safetensors")
 POS_EMBED = "pos_embed"
-ROUTING_BUFFER = re.compile(r"^blocks\.(\d+)\.routing\._unit_mapping$")
+ROUTING_BUFFER = re.compile(r"^blocks\.(\d+)\.routing\._unit_mapping$")  # see routing_buffer
 EXPORT_TABLES_KEY = "routing.tables"  # the (G, T, C) tables of a dtr_jax export's safetensors
 _PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
 _EMBEDDING = "y_embedder.embedding_table.weight"
@@ -90,6 +90,11 @@ def _torch_name(path: tuple[str, ...], ndim: int) -> tuple[str, tuple[int, ...] 
     if leaf == "kernel":
         return ".".join([*parts, "weight"]), ((3, 2, 0, 1) if ndim == 4 else (1, 0))
     return ".".join([*parts, leaf]), None
+
+
+def routing_buffer(block: int) -> str:
+    """The DTR release's key of block `block`'s (T, C) routing table."""
+    return f"blocks.{block}.routing._unit_mapping"
 
 
 def _transpose(x, axes):
@@ -131,7 +136,7 @@ def params_to_torch(params, model: DiT, tables=None) -> dict[str, np.ndarray]:
     if tables is not None:
         tables = np.asarray(tables)
         for i in range(model.depth):
-            out[f"blocks.{i}.routing._unit_mapping"] = tables[i % len(tables)].astype(np.float32)
+            out[routing_buffer(i)] = tables[i % len(tables)].astype(np.float32)
     return out
 
 
@@ -148,7 +153,7 @@ def torch_shapes(model: DiT, num_timesteps: int | None = None) -> dict[str, tupl
         shapes[_EMBEDDING] = (1, model.hidden_size)
     if num_timesteps is not None:
         for i in range(model.depth):
-            shapes[f"blocks.{i}.routing._unit_mapping"] = (num_timesteps, model.hidden_size)
+            shapes[routing_buffer(i)] = (num_timesteps, model.hidden_size)
     return shapes
 
 

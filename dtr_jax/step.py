@@ -104,7 +104,7 @@ def import_state(setup: TrainSetup, state: TrainState, shardings) -> TrainState:
     is both), the AdamW moments and step count (fine-tuning continues them; the learning
     rate schedule and the run's step start at 0), the UW log-variances and their moments.
     The rest stays fresh; the log says which parts came from the file."""
-    cfg, put = setup.config, jax.device_put
+    cfg, put = setup.config, sharding.from_host
     ckpt = interop.open_checkpoint(cfg.init_from)
     state = state.replace(
         params=put(ckpt.params(ema=False), shardings.params),
