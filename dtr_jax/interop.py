@@ -312,7 +312,14 @@ class Checkpoint:
     state_dicts: dict[str, dict[str, Any]]
     opt: Mapping | None = None
     uw: dict[str, Any] | None = None
-    ignored: tuple[str, ...] = ()  # entries of the file that are not read (config, args)
+    keys: tuple[str, ...] = ()  # a training checkpoint's entries, read or not (config, args)
+
+    READ = ("model", "ema", "opt", "uw")  # the entries of a training checkpoint that are read
+
+    @property
+    def ignored(self) -> tuple[str, ...]:
+        """The entries of a training checkpoint that are not read (its config or args)."""
+        return tuple(k for k in self.keys if k not in self.READ)
 
     # --- what the file holds
 
@@ -433,11 +440,10 @@ class Checkpoint:
 
     def summary(self, alphas=(4.0,)) -> str:
         """What the file holds and its routing, for logs."""
-        parts = ", ".join(self.state_dicts if self.kind != "state dict" else ["weights"])
-        extra = [p for p, v in (("opt", self.opt), ("uw", self.uw)) if v is not None]
+        held = [k for k in self.keys if k in self.READ] or ["weights"]
         ignored = f"; not read: {', '.join(self.ignored)}" if self.ignored else ""
         routed = describe_tables(classify_tables(self.tables(), alphas))
-        return f"{self.kind} ({', '.join([parts, *extra])}{ignored}), routing buffers: {routed}"
+        return f"{self.kind} ({', '.join(held)}{ignored}), routing buffers: {routed}"
 
 
 def _shapes(sd: Mapping[str, Any], model: DiT) -> dict[str, tuple]:
@@ -504,8 +510,8 @@ def _from_pickle(path: str, obj) -> Checkpoint:
     uw = _strip_prefixes(obj["uw"]) if isinstance(obj.get("uw"), Mapping) else None
     if uw is not None and "loss_scale" not in uw:
         raise ValueError(f"its 'uw' has no 'loss_scale' (keys {sorted(uw)})")
-    ignored = tuple(k for k in obj if k not in ("model", "ema", "opt", "uw"))
-    return Checkpoint(path, "training checkpoint", sds, obj.get("opt"), uw, ignored)
+    keys = tuple(map(str, obj))
+    return Checkpoint(path, "training checkpoint", sds, obj.get("opt"), uw, keys)
 
 
 # --- routing tables in files ----------------------------------------------------------

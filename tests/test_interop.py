@@ -260,7 +260,10 @@ def test_release_checkpoint_imports_and_adamw_continues_exactly(release):
     path, model, ema, loss_scale, opt = release
     ckpt = interop.open_checkpoint(path)
     assert (ckpt.kind, ckpt.ignored, ckpt.step) == ("training checkpoint", ("config",), 2)
-    assert "routing buffers: dtr (beta 0.8, alpha 4)" in ckpt.summary()
+    assert ckpt.summary() == (
+        "training checkpoint (model, ema, opt, uw; not read: config), "
+        "routing buffers: dtr (beta 0.8, alpha 4)"
+    )
     config = release_config(path)
     config_lib.validate(config, 8, mode="train")
     setup = step_lib.create_setup(config)
