@@ -14,6 +14,7 @@ import difflib
 import importlib.util
 
 import ml_collections
+import numpy as np
 from flax import traverse_util
 from ml_collections import config_dict
 
@@ -22,6 +23,7 @@ from dtr_jax import (
     decoders,
     diffusion,
     evaluators,
+    interop,
     lock,
     models,
     optimizer,
@@ -30,7 +32,7 @@ from dtr_jax import (
     weighting,
 )
 from dtr_jax.errors import ConfigError, integer_problems, prefixed, raise_problems
-from dtr_jax.models import DiT, model_architecture
+from dtr_jax.models import DiT, create_dit, model_architecture
 
 MODES = ("train", "sample", "evaluate", "export")
 
@@ -58,6 +60,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.sample_every_steps = 0  # image summary of samples; 0 = off
     c.eval_every_steps = 0  # in-loop evaluation; 0 = off
     c.profile_steps = 0  # steps traced by the profiler once training runs; 0 = off
+    # An official-layout PyTorch file (.pt/.pth/.safetensors: a DiT release state dict or a
+    # DTR release checkpoint) that a workdir without checkpoints starts from: the params
+    # and EMA (and AdamW/UW state) of a new training run, or the params every other mode
+    # reads (README: PyTorch interop). '' = none.
+    c.init_from = ""
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "DiT-B/2"
@@ -78,6 +85,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.routing.beta = 0.8  # sharing ratio: active channels per task
     c.model.routing.alpha = 4.0  # window speed (the release hard-codes 4)
     c.model.routing.seed = 0  # seeds the 'random' tables
+    # kind='file': the tables' file: a .npy (G, T, C), a PyTorch checkpoint with routing
+    # buffers (e.g. init_from) or an export's model.safetensors
+    c.model.routing.path = ""
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.schedule = "linear"
@@ -204,21 +214,31 @@ def model_spec(config) -> dict:
     """The model the params belong to: architecture, routing and diffusion (JSON types).
 
     Enough to rebuild the model and its tables (`inference.build`); exports store it.
+    Tables of kind 'file' are named by a hash of their content (the file may move; other
+    tables are another model); `inference.from_config` reads them.
     """
-    m, r, d = config.model, config.model.routing, config.diffusion
+    r, d = config.model.routing, config.diffusion
+    tables = dict(kind=str(r.kind), beta=float(r.beta), alpha=float(r.alpha), seed=int(r.seed))
+    if r.kind == routing.FILE:  # the file's tables, named by their content
+        tables = dict(kind=routing.FILE, sha256=interop.tables_digest(interop.read_tables(r.path)))
+    return dict(
+        model=_model_fields(config.model),
+        routing=tables,
+        diffusion=dict(schedule=str(d.schedule), num_timesteps=int(d.num_timesteps)),
+    )
+
+
+def _model_fields(m) -> dict:
+    """The model section of `model_spec`: name, architecture and input/output."""
     arch = {k: int(v) for k, v in model_architecture(m).items()}
     return dict(
-        model=dict(
-            name=str(m.name),
-            **arch,
-            mlp_ratio=float(DiT.mlp_ratio),
-            input_size=int(m.input_size),
-            in_channels=int(m.in_channels),
-            num_classes=int(m.num_classes),
-            learn_sigma=bool(m.learn_sigma),
-        ),
-        routing=dict(kind=str(r.kind), beta=float(r.beta), alpha=float(r.alpha), seed=int(r.seed)),
-        diffusion=dict(schedule=str(d.schedule), num_timesteps=int(d.num_timesteps)),
+        name=str(m.name),
+        **arch,
+        mlp_ratio=float(DiT.mlp_ratio),
+        input_size=int(m.input_size),
+        in_channels=int(m.in_channels),
+        num_classes=int(m.num_classes),
+        learn_sigma=bool(m.learn_sigma),
     )
 
 
@@ -256,6 +276,13 @@ def validate(config, num_devices: int, mode: str = "train") -> None:
     found += _named("model.routing", c, routing.problems(r.kind, r.beta, r.alpha, channels))
     d = c.diffusion
     found += _named("diffusion", c, diffusion.problems(d.schedule, d.num_timesteps))
+    if r.kind == routing.FILE and not found:
+        depth, T = model_architecture(m)["depth"], d.num_timesteps
+        found += _named(
+            "model.routing", c, interop.tables_problems("path", r.path, depth, T, channels)
+        )
+    if c.init_from and not found:
+        found += _init_from_problems(c, mode)
     found += _named("mesh", c, sharding.problems(c.mesh.data, c.mesh.fsdp, num_devices))
     found += _named("sample", c, _sampling_problems(c))
     if mode in ("train", "sample") or (mode == "evaluate" and not c.eval.samples):
@@ -276,6 +303,60 @@ def _named(section: str, c, problems: list[str]) -> list[str]:
     for part in section.split("."):
         node = node[part]
     return prefixed(section + ".", problems, fields=node.keys())
+
+
+def _init_from_problems(c, mode: str) -> list[str]:
+    """`init_from` must hold this config's model, from tensor shapes and the routing
+    buffers alone (nothing compiles): every key and shape, the fixed pos_embed, the
+    routing tables the config builds; for training, an AdamW and UW state that fit."""
+    name = f"init_from={c.init_from!r}"
+    try:
+        ckpt = interop.open_checkpoint(c.init_from)
+    except (OSError, ValueError) as e:
+        return [f"{name} {e}"]
+    fields = _model_fields(c.model)
+    model = create_dit(fields.pop("name"), **fields)
+    T = c.diffusion.num_timesteps
+    found = [f"{name} {p}" for p in ckpt.problems(model, T, optimizer=mode == "train")]
+    if found:
+        return found
+    found = _named("model.routing", c, _routing_match_problems(c, ckpt.tables()))
+    uw, w = ckpt.uw_log_vars(), c.weighting
+    if mode == "train" and w.kind == "uw" and uw is not None and len(uw) != w.num_clusters:
+        found.append(
+            f"weighting.num_clusters={w.num_clusters} but {name} holds {len(uw)} UW "
+            f"log-variances: use --config.weighting.num_clusters={len(uw)}"
+        )
+    return found
+
+
+def _routing_match_problems(c, theirs) -> list[str]:
+    """The routing tables of `init_from` (`theirs`) must be those the config builds; if
+    not, the problem gives the overrides that make them so."""
+    r, arch, T = c.model.routing, model_architecture(c.model), c.diffusion.num_timesteps
+    depth, channels = arch["depth"], arch["hidden_size"]
+    if r.kind == routing.FILE:
+        ours = interop.read_tables(r.path)
+    else:
+        ours = routing.model_tables(r.kind, T, channels, depth, r.beta, r.alpha, r.seed)
+    if np.array_equal(
+        interop.full_tables(theirs, depth, T, channels),
+        interop.full_tables(ours, depth, T, channels),
+    ):
+        return []
+    found = interop.classify_tables(theirs, alphas=(4.0, r.alpha))
+    flag = "--config.model.routing."
+    if found["kind"] == "dtr":
+        fix = f"{flag}kind=dtr {flag}beta={found['beta']:g}"
+        fix += f" {flag}alpha={found['alpha']:g}" if found["alpha"] != r.alpha else ""
+    elif found["kind"] == "none":
+        fix = f"{flag}kind=none"
+    else:
+        fix = f"{flag}kind=file {flag}path={c.init_from}"
+    return [
+        f"kind={r.kind!r} builds other routing tables than the routing buffers of "
+        f"init_from={c.init_from!r}, which are {interop.describe_tables(found)}: use {fix}"
+    ]
 
 
 def _sampling_problems(c) -> list[str]:

@@ -139,6 +139,20 @@ def logical_shardings(boxed_tree, mesh: Mesh, rules=RULES):
     return jax.tree.map(to_sharding, mesh_specs, unboxed, is_leaf=lambda x: isinstance(x, P))
 
 
+def from_host(tree, shardings):
+    """Host values (numpy, the same on every host) as global arrays laid out as
+    `shardings`: each host places only its own shards, with no cross-host transfer or
+    check. Leaves that already are jax Arrays are kept as they are."""
+
+    def place(x, s):
+        if isinstance(x, jax.Array):
+            return x
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
+
+    return jax.tree.map(place, tree, shardings)
+
+
 def host_gather(tree):
     """Brings a (possibly multi-host, sharded) pytree to every host as numpy."""
     if jax.process_count() == 1:

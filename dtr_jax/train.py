@@ -21,7 +21,7 @@ import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from dtr_jax import checkpoint, decoders, evaluate, files, lock, plots, sample, sharding
+from dtr_jax import checkpoint, decoders, evaluate, files, lock, plots, routing, sample, sharding
 from dtr_jax import config as config_lib
 from dtr_jax import step as step_lib
 from dtr_jax.data import get_source
@@ -105,6 +105,8 @@ def _restore_or_create(setup, mesh, abstract, shardings, ckpt, writer, workdir) 
     if setup.dm.tables is not None and jax.process_index() == 0:
         r = setup.config.model.routing
         title = f"routing {r.kind}, beta {r.beta:g}, alpha {r.alpha:g}"
+        if r.kind == routing.FILE:
+            title = f"routing tables of {files.resolve(r.path).name}"
         plots.routing_tables(setup.dm.tables, str(files.resolve(workdir) / "routing.png"), title)
     return step_lib.create_state(setup, mesh, shardings)
 

@@ -14,7 +14,13 @@ import helpers
 from dtr_jax import export, inference, routing, sharding, train
 from dtr_jax.errors import CheckpointError
 
-FILES = ("model.json", "model.msgpack", "model.safetensors")
+FILES = (
+    "model.json",
+    "model.msgpack",
+    "model.safetensors",
+    "pytorch_model.pt",
+    "pytorch_model.safetensors",
+)
 
 
 def tiny(**overrides):

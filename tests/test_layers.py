@@ -41,6 +41,7 @@ LAYERS = [
             "dtr_jax.checkpoint",
             "dtr_jax.lock",
             "dtr_jax.plots",
+            "dtr_jax.interop",
         ],
     ),
     ("config", ["dtr_jax.config"]),
