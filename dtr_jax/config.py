@@ -46,6 +46,7 @@ __all__ = [
     "signature",
     "unknown_field_problems",
     "validate",
+    "with_overrides",
 ]
 
 
@@ -166,7 +167,13 @@ def load_config(path: str, **overrides) -> ml_collections.ConfigDict:
         raise ValueError(f"config file {path!r} is not a Python file with get_config()")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config()
+    return with_overrides(module.get_config(), **overrides)
+
+
+def with_overrides(config, **overrides) -> ml_collections.ConfigDict:
+    """A copy of `config` with dotted-name overrides applied ({"model.depth": 2});
+    names that are not fields are refused (ConfigError, with the closest names)."""
+    config = config.copy_and_resolve_references()
     raise_problems(unknown_field_problems(config, overrides))
     for name, value in overrides.items():
         *parents, leaf = name.split(".")

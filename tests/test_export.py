@@ -12,6 +12,7 @@ from safetensors import numpy as st_numpy
 
 import helpers
 from dtr_jax import export, inference, routing, sharding, train
+from dtr_jax.config import with_overrides
 from dtr_jax.errors import CheckpointError
 
 FILES = (
@@ -67,17 +68,6 @@ def reference(config, workdir, use_ema=True):
 
 def assert_close(a, b):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
-
-
-def with_overrides(config, **overrides):
-    config = config.copy_and_resolve_references()
-    for name, value in overrides.items():
-        *parents, leaf = name.split(".")
-        node = config
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    return config
 
 
 def edit_json(path, fn):

@@ -24,7 +24,7 @@ import helpers
 from dtr_jax import config as config_lib
 from dtr_jax import export, inference, interop, modes, routing, sharding
 from dtr_jax import step as step_lib
-from dtr_jax.config import ConfigError
+from dtr_jax.config import ConfigError, with_overrides
 from dtr_jax.models.dit import DiT
 from torch_reference import TDiT
 
@@ -126,17 +126,6 @@ def assert_trees_equal(a, b):
 
 def numpy_state_dict(model):
     return {k: v.numpy() for k, v in model.state_dict().items()}
-
-
-def with_overrides(config, **overrides):
-    config = config.copy_and_resolve_references()
-    for name, value in overrides.items():
-        *parents, leaf = name.split(".")
-        node = config
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    return config
 
 
 # ============================================================ 1. state dicts in
