@@ -168,9 +168,15 @@ class Parts:
         with files.resolve(self.path(i)).open("rb") as f, np.load(f) as data:
             return {k: data[k] for k in data.files}
 
-    def concatenated(self, key: str) -> np.ndarray:
-        """Array `key` of every part, joined along axis 0."""
-        return np.concatenate([self[i][key] for i in range(self.num_parts)])
+    def concatenated(self, *keys: str, dtype=None) -> list[np.ndarray]:
+        """Arrays `keys` of every part, each joined along axis 0 (as `dtype`; default: as
+        stored), reading each part once."""
+        found = {key: [] for key in keys}
+        for i in range(self.num_parts):
+            part = self[i]
+            for key in keys:
+                found[key].append(part[key])
+        return [np.concatenate(found[key], dtype=dtype) for key in keys]
 
     def remove(self) -> None:
         """Deletes the parts' directory (process 0), once what they made is safely written."""

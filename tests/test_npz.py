@@ -87,7 +87,9 @@ def test_parts_resume_after_an_interruption(tmp_path):
     parts = npz.Parts(4, directory)
     parts.fill(_compute(calls), [2] * 4, "done")
     assert calls == [0, 1, 2, 3]  # the rerun computed only the missing parts
-    np.testing.assert_array_equal(parts.concatenated("x")[:, 0], [0, 0, 1, 1, 2, 2, 3, 3])
+    (x,) = parts.concatenated("x", dtype=np.float64)
+    assert x.dtype == np.float64
+    np.testing.assert_array_equal(x[:, 0], [0, 0, 1, 1, 2, 2, 3, 3])
     parts.fill(_compute(calls, fail_at=0), [2] * 4, "done")  # all done: nothing computed
     parts.remove()
     assert not (tmp_path / "job").exists()
@@ -97,5 +99,5 @@ def test_parts_without_a_directory_stay_in_memory():
     calls = []
     parts = npz.Parts(3)
     parts.fill(_compute(calls), [2, 2, 2], "done")
-    assert calls == [0, 1, 2] and parts.concatenated("x").shape == (6, 3)
+    assert calls == [0, 1, 2] and parts.concatenated("x")[0].shape == (6, 3)
     assert parts.done().all()
