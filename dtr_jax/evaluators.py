@@ -215,9 +215,10 @@ class InceptionMetrics(Evaluator):
         # What else determines the features: names their cache.
         self._settings = dict(weights=files.identity(e.inception_weights), batch=e.batch_size)
 
-    def features(self, images, cache_dir=None) -> tuple[np.ndarray, np.ndarray]:
+    def features(self, images, cache_dir=None, what="samples") -> tuple[np.ndarray, np.ndarray]:
         """(pool (N, 2048), logits (N, 1008)), float64, of uint8 images (gray become RGB),
-        read batch by batch; with `cache_dir`, kept there batch by batch (resumable)."""
+        read batch by batch; with `cache_dir`, kept there batch by batch (resumable).
+        `what` names the images in the progress logs."""
         n, size = len(images), self.batch_size
         starts = range(0, n, size)
         directory = None
@@ -228,7 +229,7 @@ class InceptionMetrics(Evaluator):
         def batch(i: int) -> dict[str, np.ndarray]:
             return self._batch(images[starts[i] : starts[i] + size])
 
-        parts.fill(batch, [min(size, n - lo) for lo in starts], "Inception features")
+        parts.fill(batch, [min(size, n - lo) for lo in starts], f"Inception features of {what}")
         pool, logits = parts.concatenated("pool", "logits", dtype=np.float64)
         return pool, logits
 
@@ -242,7 +243,7 @@ class InceptionMetrics(Evaluator):
     @functools.cached_property
     def _reference_features(self) -> np.ndarray | None:
         images = self.reference.get("images")
-        return None if images is None else self.features(images)[0]
+        return None if images is None else self.features(images, what="eval.reference")[0]
 
     @functools.cached_property
     def _reference_stats(self) -> tuple[np.ndarray, np.ndarray]:

@@ -152,7 +152,8 @@ class Parts:
             self._store(i, compute(int(i)))
             finished += rows[i]
             _progress(what, finished, total, finished - resumed_at, start)
-        sharding.sync_hosts(f"parts {self.directory}")  # every part is readable everywhere
+        if self.directory is not None:  # every part written is readable on every host
+            sharding.sync_hosts(f"parts {self.directory}")
 
     def _store(self, i: int, arrays: dict[str, np.ndarray]) -> None:
         if self.directory is None:
