@@ -44,6 +44,13 @@ class Decoder:
         del section
         return []
 
+    @classmethod
+    def settings(cls, config) -> dict:
+        """The config fields (JSON types) that change what it makes of the same model
+        outputs: part of what names a sample run (`sample.run_name`)."""
+        del config
+        return {}
+
     def __init__(self, config=None, mesh=None):
         del config, mesh
 
@@ -76,6 +83,10 @@ class VAEDecoder(Decoder):
     @classmethod
     def problems(cls, section) -> list[str]:
         return vae_lib.problems(section.path, section.batch_size)
+
+    @classmethod
+    def settings(cls, config) -> dict:
+        return {"vae.path": str(config.vae.path)}  # not its batch size: the same images
 
     def __init__(self, config, mesh=None):
         path = config.vae.path

@@ -1,9 +1,11 @@
 """`--mode evaluate` and in-loop evaluation, with the evaluators a config selects.
 
 The images are an ADM-style .npz (`eval.samples`: arr_0 uint8 NHWC, arr_1 labels)
-or fresh samples from a checkpoint; the evaluators are `dtr_jax.evaluators`'
-(`eval.metrics`, by default the data's own). Everything is checked before
-anything compiles.
+or fresh samples from a checkpoint, written as one (`sample.sample_to_npz`, resumable);
+the evaluators are `dtr_jax.evaluators`' (`eval.metrics`, by default the data's own).
+Everything is checked before anything compiles. An interrupted evaluation resumes: the
+evaluators keep what they have done in WORKDIR/eval/<name>.cache-<digest>/ until the
+results are written.
 """
 
 from __future__ import annotations
@@ -16,7 +18,15 @@ import numpy as np
 from absl import logging
 
 from dtr_jax import config as config_lib
-from dtr_jax import evaluators, files, sample
+from dtr_jax import evaluators, files, npz, sample, sharding
+
+# The lines ADM's evaluator (guided-diffusion/evaluations/evaluator.py) prints, in its order.
+ADM_LINES = (
+    ("inception_score", "Inception Score"),
+    ("fid", "FID"),
+    ("precision", "Precision"),
+    ("recall", "Recall"),
+)
 
 
 def selected(config) -> list[type[evaluators.Evaluator]]:
@@ -24,26 +34,31 @@ def selected(config) -> list[type[evaluators.Evaluator]]:
     return [evaluators.EVALUATORS.get(name) for name in evaluators.select(config)]
 
 
-def evaluate_images(instances, images: np.ndarray, labels) -> dict:
+def evaluate_images(instances, images: np.ndarray, labels, cache_dir=None) -> dict:
     out = {}
     for evaluator in instances:
-        out.update(evaluator(images, labels))
+        out.update(evaluator(images, labels, cache_dir))
     return out
 
 
 class InLoopEvaluation:
-    """Built once per run (classifier, Inception weights, reference features); called
+    """Built once per run on its `mesh` (classifier, Inception weights, reference); called
     every eval_every_steps with the run's Sampler on `eval.num_samples` fresh samples,
-    made images by the run's image decoder `decode`."""
+    drawn and decoded batch by batch as `--mode sample` does."""
 
-    def __init__(self, config, decode):
+    def __init__(self, config, decode, mesh):
         self.config, self.decode = config, decode
-        self.instances = [cls(config.eval) for cls in selected(config)]
+        self.instances = [cls(config.eval, mesh) for cls in selected(config)]
 
     def __call__(self, sampler, params) -> dict:
-        c = self.config
-        labels = sample.labels_for(c.sample, c.model.num_classes, c.eval.num_samples)
-        images = self.decode(sampler(params, labels, jax.random.key(c.sample.seed)))
+        c, s = self.config, self.config.sample
+        labels = sample.labels_for(s, c.model.num_classes, c.eval.num_samples)
+        images = np.concatenate(
+            [
+                sample.sample_batch(sampler, self.decode, params, y, s.seed, i)
+                for i, y in enumerate(sample.batches(labels, s.batch_size))
+            ]
+        )
         results = evaluate_images(self.instances, images, labels)
         return {f"eval/{k}": v for k, v in results.items()}
 
@@ -51,25 +66,52 @@ class InLoopEvaluation:
 def evaluate_mode(config, workdir: str) -> dict:
     """Metrics of eval.samples (or of fresh samples from WORKDIR's latest checkpoint).
 
-    Writes WORKDIR/eval/<name>.json and returns the metrics.
+    Writes WORKDIR/eval/<name>.json, prints the metrics ADM's evaluator prints in its
+    format (process 0) and returns the metrics.
     """
     config_lib.validate(config, jax.device_count(), mode="evaluate")
     files.check_writable_dir(str(_results_dir(workdir)), "the results directory")
     e = config.eval
     classes = selected(config)
+    mesh = sharding.make_mesh(config.mesh)
     if e.samples:
-        images, labels = evaluators.load_images(e.samples, "eval.samples")
-        name = os.path.splitext(os.path.basename(e.samples))[0]
-        what = f"eval.samples={e.samples!r}"
+        path = e.samples
+        images, labels = _checked_images(classes, e, path, "eval.samples")
+        instances = [cls(e, mesh) for cls in classes]
     else:
-        images, labels, step = sample.sample_images(config, workdir, e.num_samples)
-        name, what = sample.run_name(config, step), "the fresh samples"
-    for cls in classes:
-        cls.check_images(e, images.shape, what)
+        instances = [cls(e, mesh) for cls in classes]  # their files are read before sampling
+        path = sample.sample_to_npz(config, workdir, e.num_samples)
+        images, labels = _checked_images(classes, e, path, "the fresh samples")
+    name = os.path.splitext(os.path.basename(path))[0]
+    cache = _results_dir(workdir) / f"{name}.cache-{npz.digest(files.identity(path))}"
     results = {"num_samples": len(images)}
-    results.update(evaluate_images([cls(e) for cls in classes], images, labels))
+    results.update(evaluate_images(instances, images, labels, str(cache)))
     _write_results(workdir, name, results)
+    if jax.process_index() == 0:
+        files.remove_tree(str(cache))
+        report = adm_report(results)
+        if report:
+            print(report, flush=True)
+            logging.info(
+                "sFID is not computed: it needs the spatial features (mixed_6/conv) of ADM's "
+                "evaluator, which dtr_jax's FID Inception does not output"
+            )
     return results
+
+
+def adm_report(results: dict) -> str:
+    """The metrics ADM's evaluator prints, in its format ('FID: 8.9031...'), for those the
+    results have; '' if none."""
+    return "\n".join(f"{label}: {results[k]}" for k, label in ADM_LINES if k in results)
+
+
+def _checked_images(classes, e, path: str, field: str):
+    """(images, labels) of the .npz `path`, which every evaluator can evaluate; `field`
+    names it in errors (the field that names it, or what made it)."""
+    images, labels = evaluators.load_images(path, field)
+    for cls in classes:
+        cls.check_images(e, images.shape, f"{field}={path!r}")
+    return images, labels
 
 
 def _results_dir(workdir: str):

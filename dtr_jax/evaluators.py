@@ -1,7 +1,7 @@
 """Sample-quality evaluators, registered by name (`eval.metrics`), and ADM-style .npz input.
 
-An evaluator is a class built once from the `eval` config section, then called on
-uint8 NHWC images (and their labels) to give a dict of metrics:
+An evaluator is a class built once from the `eval` config section and the run's mesh,
+then called on uint8 NHWC images (and their labels) to give a dict of metrics:
 
   digits     `digits_accuracy`, `digits_fd`: the offline digits classifier
   inception  `fid`, `inception_score`, `precision`, `recall` with the FID InceptionV3
@@ -13,12 +13,13 @@ more registered class. `select` says which evaluators a run uses (the only place
 
 from __future__ import annotations
 
+import functools
 import os
-import zipfile
 
+import jax
 import numpy as np
 
-from dtr_jax import digits_eval, metrics
+from dtr_jax import digits_eval, files, metrics, npz, sharding
 from dtr_jax.data.sources import SOURCES
 from dtr_jax.errors import ConfigError, InputFileError
 from dtr_jax.models import inception
@@ -66,26 +67,9 @@ def _require_file(path: str, field: str) -> None:
         raise ConfigError([f"{field}={path!r}: no such file"])
 
 
-def npz_keys_and_shapes(path: str, field: str) -> dict[str, tuple[tuple, np.dtype]]:
-    """{key: (shape, dtype)} of an .npz, from the array headers alone (nothing loaded)."""
+def _headers(path: str, field: str) -> dict[str, tuple[tuple, np.dtype]]:
     _require_file(path, field)
-    try:
-        out = {}
-        with zipfile.ZipFile(path) as z:
-            for info in z.infolist():
-                if info.filename.endswith(".npy"):
-                    with z.open(info) as f:
-                        version = np.lib.format.read_magic(f)
-                        read = (
-                            np.lib.format.read_array_header_1_0
-                            if version == (1, 0)
-                            else np.lib.format.read_array_header_2_0
-                        )
-                        shape, _, dtype = read(f)
-                    out[info.filename[: -len(".npy")]] = (shape, dtype)
-        return out
-    except (zipfile.BadZipFile, ValueError, OSError) as e:
-        raise InputFileError([f"{field}={path!r} is not an .npz file ({e})"]) from None
+    return npz.headers(path, field)
 
 
 def _check_images_header(path: str, field: str, shape, dtype) -> None:
@@ -99,21 +83,34 @@ def _check_images_header(path: str, field: str, shape, dtype) -> None:
 
 
 def load_images(path: str, field: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """(uint8 NHWC images, labels or None) from an .npz; `field` names it in errors."""
-    header = npz_keys_and_shapes(path, field)
+    """(uint8 NHWC images, labels or None) from an .npz; `field` names it in errors. The
+    images are memory-mapped where the file allows (`npz.read_array`): 50K x 256x256x3
+    samples are read from disk batch by batch as they are evaluated."""
+    header = _headers(path, field)
     if "arr_0" not in header:
         raise InputFileError([f"{field}={path!r} has no arr_0 (uint8 NHWC images)"])
     _check_images_header(path, field, *header["arr_0"])
-    with np.load(path) as data:
-        return data["arr_0"], data["arr_1"] if "arr_1" in data else None
+    labels = npz.read_array(path, "arr_1") if "arr_1" in header else None
+    return npz.read_array(path, "arr_0"), labels
 
 
 def load_reference(path: str) -> dict:
-    """A reference .npz: images (`images`, from arr_0) and/or statistics (`stats`, mu/sigma)."""
+    """A reference .npz: images (`images`, memory-mapped from arr_0) and/or FID statistics
+    of the pool features (`stats`, from mu and sigma; ADM's reference batches have both,
+    and spatial ones, mu_s and sigma_s, which nothing here uses)."""
     field = "eval.reference"
-    header = npz_keys_and_shapes(path, field)
+    header = _headers(path, field)
     ref = {}
     if "mu" in header and "sigma" in header:
+        d = inception.FEATURE_DIM
+        shapes = (header["mu"][0], header["sigma"][0])
+        if shapes != ((d,), (d, d)):
+            raise InputFileError(
+                [
+                    f"{field}={path!r} has mu {shapes[0]} and sigma {shapes[1]}: the FID "
+                    f"statistics of the Inception pool features are ({d},) and ({d}, {d})"
+                ]
+            )
         ref["stats"] = metrics.load_stats(path)
     if "arr_0" in header:
         ref["images"] = load_images(path, field)[0]
@@ -126,7 +123,8 @@ def load_reference(path: str) -> dict:
 
 
 class Evaluator:
-    """Base: no requirements beyond the images being uint8 NHWC."""
+    """Base: no requirements beyond the images being uint8 NHWC. Built once per run on the
+    run's `mesh`, from the `eval` section."""
 
     @classmethod
     def problems(cls, e) -> list[str]:
@@ -139,7 +137,14 @@ class Evaluator:
         """Raises ConfigError if images of `shape` (N, H, W, C) cannot be evaluated."""
         del e, shape, what
 
-    def __call__(self, images: np.ndarray, labels: np.ndarray | None) -> dict[str, float]:
+    def __init__(self, e, mesh):
+        del e, mesh
+
+    def __call__(self, images: np.ndarray, labels: np.ndarray | None, cache_dir=None) -> dict:
+        """{metric: value} of `images` (array-like, e.g. memory-mapped) and their labels.
+        `cache_dir` (None: none) is where a long computation may keep what it has done
+        for these images, to resume after an interruption; it names the images, the
+        evaluator adds its own settings."""
         raise NotImplementedError
 
 
@@ -154,17 +159,24 @@ class DigitsMetrics(Evaluator):
                 [f"{what} has images of shape {tuple(shape[1:])}: digits are (8, 8, 1)"]
             )
 
-    def __init__(self, e):
-        del e
+    def __init__(self, e, mesh):
+        del e, mesh
         self._classifier = digits_eval.train_evaluator()
 
-    def __call__(self, images, labels):
+    def __call__(self, images, labels, cache_dir=None):
+        del cache_dir  # seconds of work
         return {f"digits_{k}": float(v) for k, v in self._classifier(images, labels).items()}
 
 
 @EVALUATORS.register("inception")
 class InceptionMetrics(Evaluator):
-    """FID, IS and improved precision/recall in the FID InceptionV3's feature space."""
+    """FID, IS and improved precision/recall (k = 3) in the FID InceptionV3's feature
+    space, as ADM's evaluator computes them. Features are extracted in batches of
+    `eval.batch_size` split over the mesh (the network replicated), those of the reference
+    images once, at the first call. FID is taken against the reference's stored mu and
+    sigma where it has them, else against its images' statistics."""
+
+    IS_SPLIT = 5000  # ADM's Inception Score: the mean over chunks of 5000 samples
 
     @classmethod
     def problems(cls, e):
@@ -178,7 +190,7 @@ class InceptionMetrics(Evaluator):
 
     @classmethod
     def check_images(cls, e, shape, what):
-        header = npz_keys_and_shapes(e.reference, "eval.reference")
+        header = _headers(e.reference, "eval.reference")
         if "arr_0" in header and tuple(shape[1:]) != tuple(header["arr_0"][0][1:]):
             raise ConfigError(
                 [
@@ -187,7 +199,7 @@ class InceptionMetrics(Evaluator):
                 ]
             )
 
-    def __init__(self, e):
+    def __init__(self, e, mesh):
         try:
             variables = inception.load_pytorch_fid_weights(e.inception_weights)
         except FileNotFoundError as err:
@@ -195,33 +207,59 @@ class InceptionMetrics(Evaluator):
         except Exception as err:  # unreadable, or not the FID Inception weights
             field = f"eval.inception_weights={e.inception_weights!r}"
             raise InputFileError([f"{field}: {type(err).__name__}: {err}"]) from None
+        self.mesh, self.batch_size = mesh, e.batch_size
+        variables = jax.device_put(variables, sharding.replicated(mesh))
         # ADM's evaluator takes IS from softmax(pool @ W) without the fc bias: do the same.
         self._features = inception.make_feature_fn(variables, fc_bias=False)
-        self.batch_size = e.batch_size
         self.reference = load_reference(e.reference)
-        if "images" in self.reference:
-            feats, _ = self.features(self.reference["images"])
-            self.reference.update(features=feats, stats=metrics.stats(feats))
+        # What else determines the features: names their cache.
+        self._settings = dict(weights=files.identity(e.inception_weights), batch=e.batch_size)
 
-    def features(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(pool (N, 2048), logits (N, 1008)) of uint8 images; gray images become RGB."""
+    def features(self, images, cache_dir=None, what="samples") -> tuple[np.ndarray, np.ndarray]:
+        """(pool (N, 2048), logits (N, 1008)), float64, of uint8 images (gray become RGB),
+        read batch by batch; with `cache_dir`, kept there batch by batch (resumable).
+        `what` names the images in the progress logs."""
+        n, size = len(images), self.batch_size
+        starts = range(0, n, size)
+        directory = None
+        if cache_dir is not None:
+            directory = f"{cache_dir}/inception_{npz.digest(self._settings)}"
+        parts = npz.Parts(len(starts), directory)
+
+        def batch(i: int) -> dict[str, np.ndarray]:
+            return self._batch(images[starts[i] : starts[i] + size])
+
+        parts.fill(batch, [min(size, n - lo) for lo in starts], f"Inception features of {what}")
+        pool, logits = parts.concatenated("pool", "logits", dtype=np.float64)
+        return pool, logits
+
+    def _batch(self, images) -> dict[str, np.ndarray]:
+        images = np.asarray(images)
         if images.shape[-1] == 1:
             images = np.repeat(images, 3, axis=-1)
-        pools, logits = [], []
-        for i in range(0, len(images), self.batch_size):
-            out = self._features(images[i : i + self.batch_size])
-            pools.append(np.asarray(out["pool"], np.float64))
-            logits.append(np.asarray(out["logits"], np.float64))
-        return np.concatenate(pools), np.concatenate(logits)
+        out = sharding.host_gather(self._features(sharding.put_batch(images, self.mesh)))
+        return {k: np.asarray(v[: len(images)]) for k, v in out.items()}
 
-    def __call__(self, images, labels):
+    @functools.cached_property
+    def _reference_features(self) -> np.ndarray | None:
+        images = self.reference.get("images")
+        return None if images is None else self.features(images, what="eval.reference")[0]
+
+    @functools.cached_property
+    def _reference_stats(self) -> tuple[np.ndarray, np.ndarray]:
+        if "stats" in self.reference:
+            return self.reference["stats"]
+        return metrics.stats(self._reference_features)
+
+    def __call__(self, images, labels, cache_dir=None):
         del labels
-        feats, logits = self.features(images)
+        feats, logits = self.features(images, cache_dir)
         out = {}
-        out["inception_score"], _ = metrics.inception_score(logits, splits=min(10, len(logits)))
-        out["fid"] = metrics.frechet_distance(*metrics.stats(feats), *self.reference["stats"])
-        if "features" in self.reference:
+        splits = -(-len(logits) // self.IS_SPLIT)
+        out["inception_score"], _ = metrics.inception_score(logits, splits=splits)
+        out["fid"] = metrics.frechet_distance(*metrics.stats(feats), *self._reference_stats)
+        if self._reference_features is not None:
             out["precision"], out["recall"] = metrics.precision_recall(
-                self.reference["features"], feats
+                self._reference_features, feats
             )
         return {k: float(v) for k, v in out.items()}

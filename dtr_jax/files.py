@@ -21,6 +21,14 @@ def resolve(path: str) -> epath.Path:
     return epath.Path(path if is_remote(path) else os.path.abspath(path))
 
 
+def identity(path: str) -> dict:
+    """What tells a file from another at a glance (absolute path, size, modification time):
+    names what is computed from it and kept, such as a cache."""
+    full = resolve(path)
+    stat = full.stat()
+    return {"path": str(full), "size": int(stat.length), "mtime": int(stat.mtime)}
+
+
 @contextlib.contextmanager
 def open_atomically(path: str):
     """A binary file that replaces `path` only once it is completely written and closed
@@ -39,6 +47,13 @@ def open_atomically(path: str):
 def write_atomically(path: str, data: bytes) -> None:
     with open_atomically(path) as f:
         f.write(data)
+
+
+def remove_tree(path: str) -> None:
+    """Deletes the directory `path` and all it holds, if it exists (local or remote)."""
+    full = resolve(path)
+    if full.exists():
+        full.rmtree()
 
 
 def check_writable_dir(path: str, what: str) -> None:

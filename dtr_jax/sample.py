@@ -3,20 +3,19 @@
 `Sampler` jits `inference.sample_fn` once over a mesh: each device samples its
 slice of the batch. `--mode sample` draws `sample.num_samples` images from a
 workdir's latest checkpoint, decodes them (`dtr_jax.decoders`) and writes an
-ADM-style .npz and a PNG grid.
+ADM-style .npz and a PNG grid, batch by batch so that an interrupted run resumes.
 """
 
 from __future__ import annotations
 
 import io
-import time
 
 import jax
 import numpy as np
 from absl import logging
 
 from dtr_jax import config as config_lib
-from dtr_jax import decoders, files, inference, sharding
+from dtr_jax import decoders, files, inference, npz, sharding
 from dtr_jax.config import parse_labels
 
 
@@ -85,12 +84,6 @@ def save_png(path: str, image: np.ndarray, scale: int = 1) -> None:
     files.write_atomically(path, buffer.getvalue())
 
 
-def write_npz(path: str, **arrays) -> None:
-    """np.savez streamed into place atomically (local or remote)."""
-    with files.open_atomically(path) as f:
-        np.savez(f, **arrays)
-
-
 # --- --mode sample ------------------------------------------------------------------
 
 
@@ -103,58 +96,104 @@ def labels_for(s, num_classes: int, n: int) -> np.ndarray:
     return rng.integers(0, num_classes, n).astype(np.int32)
 
 
-def run_name(config, step: int) -> str:
+def run_settings(config, step: int, num_samples: int) -> dict:
+    """Everything (JSON types) that determines the samples of a run besides the workdir:
+    the params read (EMA or raw, at checkpoint `step`, or of `init_from`), the sampler,
+    the labels and the batches (batch i is drawn with rng fold_in(seed, i)), the decoder."""
+    s = config.sample
+    return dict(
+        params="ema" if s.use_ema else "raw",
+        step=int(step),
+        init_from=str(config.init_from),
+        dtype=str(config.model.dtype),
+        sampler=str(s.sampler),
+        num_steps=int(s.num_steps),
+        ddim_eta=float(s.ddim_eta),
+        cfg_scale=float(s.cfg_scale),
+        clip_denoised=bool(s.clip_denoised),
+        seed=int(s.seed),
+        labels=str(s.labels),
+        num_samples=int(num_samples),
+        batch_size=int(s.batch_size),
+        decoder=str(s.decoder),
+        **decoders.DECODERS.get(s.decoder).settings(config),
+    )
+
+
+def run_name(config, step: int, num_samples: int) -> str:
+    """The name of a run's files: its main settings, then a digest of all of them
+    (`run_settings`), so that runs of other settings never share files."""
     s = config.sample
     which = "ema" if s.use_ema else "raw"
-    return f"{which}_step{step}_{s.sampler}{s.num_steps}_cfg{s.cfg_scale:g}_seed{s.seed}"
+    digest = npz.digest(run_settings(config, step, num_samples))
+    return (
+        f"{which}_step{step}_{s.sampler}{s.num_steps}_cfg{s.cfg_scale:g}_seed{s.seed}"
+        f"_n{num_samples}_{digest}"
+    )
 
 
-def sample_images(config, workdir: str, num_samples: int):
-    """(decoded samples, labels, checkpoint step) from WORKDIR's latest checkpoint,
-    sampled in batches of `sample.batch_size` over all devices, with progress logs."""
+def batches(labels: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """The labels of each batch of a run, in order."""
+    return [labels[lo : lo + batch_size] for lo in range(0, len(labels), batch_size)]
+
+
+def sample_batch(sampler: Sampler, decode, params, labels: np.ndarray, seed: int, i: int):
+    """Batch i of a run: samples for `labels` drawn with rng fold_in(key(seed), i), decoded."""
+    return decode(sampler(params, labels, jax.random.fold_in(jax.random.key(seed), i)))
+
+
+def sample_to_npz(config, workdir: str, num_samples: int) -> str:
+    """`num_samples` samples from WORKDIR's newest checkpoint, in batches of
+    `sample.batch_size` over all devices, as WORKDIR/samples/<run>.npz (arr_0: uint8 NHWC
+    images, or float latents; arr_1: labels) and a PNG grid of the first images; returns
+    the .npz path. <run> is `run_name`.
+
+    Resumable: each batch is written to WORKDIR/samples/<run>/part-00000.npz, ... as it
+    finishes, and a rerun samples only the batches not written (the same images as an
+    uninterrupted run). Once the .npz is written the parts are removed; a run whose .npz
+    exists is not redone.
+    """
     s = config.sample
+    out_dir = files.resolve(workdir) / "samples"
+    files.check_writable_dir(str(out_dir), "the samples directory")
     mesh = sharding.make_mesh(config.mesh)
     decode = decoders.create(config, mesh)
     dm, params, step = inference.restore_params(config, workdir, mesh, use_ema=s.use_ema)
-    labels = labels_for(s, dm.model.num_classes, num_samples)
-    sampler = Sampler(dm, s, mesh, params)
-    chunks, start = [], time.perf_counter()
-    with sharding.mesh_context(mesh):
-        for i, lo in enumerate(range(0, num_samples, s.batch_size)):
-            rng = jax.random.fold_in(jax.random.key(s.seed), i)
-            batch = labels[lo : lo + s.batch_size]
-            chunks.append(decode(sampler(params, batch, rng)))
-            _progress(lo + len(batch), num_samples, start)
-    return np.concatenate(chunks), labels, step
+    name = run_name(config, step, num_samples)
+    path = str(out_dir / f"{name}.npz")
+    label_batches = batches(labels_for(s, dm.model.num_classes, num_samples), s.batch_size)
+    parts = npz.Parts(len(label_batches), str(out_dir / name))
+    if sharding.from_process_0(np.asarray(files.resolve(path).exists())):
+        logging.info("%s is already written: nothing to sample", path)
+    else:
+        sampler = Sampler(dm, s, mesh, params)
 
+        def batch(i: int) -> dict:
+            y = label_batches[i]
+            return {"arr_0": sample_batch(sampler, decode, params, y, s.seed, i), "arr_1": y}
 
-def sample_mode(config, workdir: str) -> str:
-    """Samples `sample.num_samples` images from WORKDIR's latest checkpoint.
-
-    Writes WORKDIR/samples/<run>.npz (arr_0: uint8 NHWC images, or float latents;
-    arr_1: labels) and a PNG grid of the first images; returns the .npz path.
-    """
-    config_lib.validate(config, jax.device_count(), mode="sample")
-    out_dir = files.resolve(workdir) / "samples"
-    files.check_writable_dir(str(out_dir), "the samples directory")
-    images, labels, step = sample_images(config, workdir, config.sample.num_samples)
-    path = str(out_dir / f"{run_name(config, step)}.npz")
-    if jax.process_index() == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_npz(path, arr_0=images, arr_1=labels)
-        if decoders.gives_images(config.sample.decoder):
-            cols = min(10, len(images))
-            rows = min(10, len(images) // cols)
-            scale = max(1, 32 // images.shape[1])  # small images (digits) drawn 4x
-            save_png(path[: -len(".npz")] + ".png", grid(images[: rows * cols], rows), scale)
-        logging.info("Wrote %d samples to %s", len(images), path)
+        with sharding.mesh_context(mesh):
+            parts.fill(batch, [len(y) for y in label_batches], "sampled")
+        if jax.process_index() == 0:
+            npz.concatenate(path, [parts.path(i) for i in range(parts.num_parts)])
+            if decode.gives_images:
+                _save_grid(path, npz.read_array(path, "arr_0")[:100])
+            logging.info("Wrote %d samples to %s", num_samples, path)
+    parts.remove()
+    sharding.sync_hosts("samples written")
     return path
 
 
-def _progress(done: int, total: int, start: float) -> None:
-    elapsed = time.perf_counter() - start
-    rate = done / max(elapsed, 1e-9)
-    eta = (total - done) / max(rate, 1e-9)
-    logging.info(
-        "sampled %d/%d (%.1f images/s, ETA %dm%02ds)", done, total, rate, eta // 60, eta % 60
-    )
+def _save_grid(npz_path: str, images: np.ndarray) -> None:
+    """A PNG grid of up to 10x10 `images` next to the .npz; small images drawn larger."""
+    cols = min(10, len(images))
+    rows = min(10, len(images) // cols)
+    scale = max(1, 32 // images.shape[1])  # small images (digits) drawn 4x
+    save_png(npz_path[: -len(".npz")] + ".png", grid(images[: rows * cols], rows), scale)
+
+
+def sample_mode(config, workdir: str) -> str:
+    """Samples `sample.num_samples` images from WORKDIR's latest checkpoint
+    (`sample_to_npz`); returns the .npz path."""
+    config_lib.validate(config, jax.device_count(), mode="sample")
+    return sample_to_npz(config, workdir, config.sample.num_samples)

@@ -167,6 +167,14 @@ def all_hosts_agree(ok: bool) -> bool:
     return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
 
 
+def from_process_0(x: np.ndarray) -> np.ndarray:
+    """Process 0's value of a host array, on every process (what all must agree on, e.g.
+    which work is already done, as process 0 reads it from a shared store)."""
+    if jax.process_count() == 1:
+        return x
+    return np.asarray(multihost_utils.broadcast_one_to_all(x))
+
+
 def sync_hosts(name: str) -> None:
     """Waits until every process reaches this point (a no-op with one process)."""
     if jax.process_count() > 1:

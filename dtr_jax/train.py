@@ -213,7 +213,7 @@ def _sampling_actions(setup: TrainSetup, sampler: _SamplerCache, decode, writer)
 
         actions.append(Every(cfg.sample_every_steps, cfg.num_train_steps, write_grid))
     if cfg.eval_every_steps:
-        evaluation = evaluate.InLoopEvaluation(cfg, decode)
+        evaluation = evaluate.InLoopEvaluation(cfg, decode, sampler.mesh)
 
         def write_metrics(step, state):
             params = state.ema_params

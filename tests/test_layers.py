@@ -38,6 +38,7 @@ LAYERS = [
             "dtr_jax.data.sources",
             "dtr_jax.data.pipeline",
             "dtr_jax.sharding",
+            "dtr_jax.npz",
             "dtr_jax.checkpoint",
             "dtr_jax.lock",
             "dtr_jax.plots",

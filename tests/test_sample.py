@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -104,16 +105,141 @@ def test_labels_chosen_or_uniform():
     np.testing.assert_array_equal(drawn, sample.labels_for(tiny().sample, 10, 1000))
 
 
+def _small_run(config, **sample_fields):
+    config = config.copy_and_resolve_references()
+    config.sample.num_samples, config.sample.batch_size = 12, 5
+    for k, v in sample_fields.items():
+        config.sample[k] = v
+    return config
+
+
 def test_sample_mode_writes_npz_and_png(trained):
     config, workdir, _ = trained
-    config = config.copy_and_resolve_references()
-    config.sample.num_samples, config.sample.batch_size, config.sample.labels = 12, 5, "4"
-    path = run("sample", config, workdir)
-    assert path.endswith("ema_step8_ddpm4_cfg2_seed0.npz")
+    path = run("sample", _small_run(config, labels="4"), workdir)
+    assert re.search(r"/samples/ema_step8_ddpm4_cfg2_seed0_n12_[0-9a-f]{8}\.npz$", path)
     with np.load(path) as data:
         assert data["arr_0"].shape == (12, 8, 8, 1) and data["arr_0"].dtype == np.uint8
         np.testing.assert_array_equal(data["arr_1"], [4] * 12)
     assert os.path.isfile(path[: -len(".npz")] + ".png")
+    assert not os.path.exists(path[: -len(".npz")])  # the parts are removed once it is written
+
+
+class Interrupted(Exception):
+    pass
+
+
+SAMPLE_BATCH = sample.Sampler.__call__
+
+
+def _count_batches(monkeypatch, fail_at=None):
+    """Counts the batches sampled; the `fail_at`-th (0-based) raises, as a kill would."""
+    calls = []
+
+    def counted(self, params, labels, rng):
+        if len(calls) == fail_at:
+            raise Interrupted
+        calls.append(len(labels))
+        return SAMPLE_BATCH(self, params, labels, rng)
+
+    monkeypatch.setattr(sample.Sampler, "__call__", counted)
+    return calls
+
+
+def _arrays(path):
+    with np.load(path) as data:
+        return data["arr_0"].tobytes(), data["arr_1"].tobytes()
+
+
+def test_interrupted_sampling_resumes_to_the_same_npz(trained, monkeypatch):
+    config, workdir, _ = trained
+    config = _small_run(config, seed=3)
+    calls = _count_batches(monkeypatch)
+    path = run("sample", config, workdir)
+    assert calls == [5, 5, 2]
+    uninterrupted = _arrays(path)
+    os.remove(path)
+
+    calls = _count_batches(monkeypatch, fail_at=2)
+    with pytest.raises(Interrupted):
+        run("sample", config, workdir)
+    parts = path[: -len(".npz")]
+    assert sorted(os.listdir(parts)) == ["part-00000.npz", "part-00001.npz"]
+    assert not os.path.exists(path)
+    calls = _count_batches(monkeypatch)
+    assert run("sample", config, workdir) == path
+    assert calls == [2]  # only the batch that was missing
+    assert _arrays(path) == uninterrupted
+    assert not os.path.exists(parts)
+
+    # a finished run is not redone
+    calls = _count_batches(monkeypatch, fail_at=0)
+    written = os.stat(path).st_mtime_ns
+    assert run("sample", config, workdir) == path
+    assert os.stat(path).st_mtime_ns == written and calls == []
+
+
+def test_runs_of_other_settings_never_mix(trained, monkeypatch):
+    config, workdir, _ = trained
+    first = _small_run(config, seed=5)
+    _count_batches(monkeypatch, fail_at=1)
+    with pytest.raises(Interrupted):
+        run("sample", first, workdir)
+    for other in (
+        _small_run(config, seed=6),
+        _small_run(config, seed=5, labels="1"),
+        _small_run(config, seed=5, num_samples=11),
+        _small_run(config, seed=5, batch_size=4),
+        _small_run(config, seed=5, cfg_scale=1.0),
+    ):
+        calls = _count_batches(monkeypatch)
+        path = run("sample", other, workdir)
+        assert sum(calls) == other.sample.num_samples  # every batch sampled afresh
+        with np.load(path) as data:
+            assert len(data["arr_0"]) == other.sample.num_samples
+    name = sample.run_name(first, 8, 12)
+    assert os.listdir(os.path.join(workdir, "samples", name)) == ["part-00000.npz"]
+
+
+def test_evaluate_mode_samples_as_sample_mode_does(trained, monkeypatch):
+    config, workdir, _ = trained
+    config = _small_run(config, seed=7)
+    config.eval.num_samples = 12
+    calls = _count_batches(monkeypatch)
+    results = run("evaluate", config, workdir)
+    assert calls == [5, 5, 2] and results["num_samples"] == 12
+    name = sample.run_name(config, 8, 12)
+    assert os.path.isfile(os.path.join(workdir, "eval", f"{name}.json"))
+    calls = _count_batches(monkeypatch)
+    assert run("sample", config, workdir).endswith(f"/{name}.npz")
+    assert calls == []  # the same run: its samples are already written
+
+
+def test_run_names_say_what_determines_the_samples():
+    config = tiny()
+    base = sample.run_name(config, 8, 12)
+    assert base.startswith("ema_step8_ddpm4_cfg2_seed0_n12_")
+    assert sample.run_name(tiny(), 8, 12) == base
+    changes = [
+        ("sample.use_ema", False),
+        ("sample.sampler", "ddim"),
+        ("sample.num_steps", 5),
+        ("sample.ddim_eta", 0.5),
+        ("sample.cfg_scale", 1.5),
+        ("sample.clip_denoised", False),
+        ("sample.seed", 1),
+        ("sample.labels", "3"),
+        ("sample.batch_size", 7),
+        ("sample.decoder", "latents"),
+        ("model.dtype", "bfloat16"),
+        ("init_from", "a.pt"),
+    ]
+    names = {sample.run_name(tiny(**{k: v}), 8, 12) for k, v in changes}
+    names |= {sample.run_name(config, 9, 12), sample.run_name(config, 8, 13)}
+    assert base not in names and len(names) == len(changes) + 2
+    vae = {"sample.decoder": "sd_vae", "vae.path": "a"}
+    name = sample.run_name(tiny(**vae), 8, 12)
+    assert sample.run_name(tiny(**vae | {"vae.path": "b"}), 8, 12) != name  # another VAE
+    assert sample.run_name(tiny(**vae | {"vae.batch_size": 8}), 8, 12) == name  # same images
 
 
 @pytest.mark.parametrize("mode", ["sample", "evaluate", "export"])

@@ -24,6 +24,7 @@ matmul *without* the bias; pass ``fc_bias=False`` to reproduce that.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -302,23 +303,31 @@ def init_variables(seed: int = 0) -> Variables:
     return InceptionV3().init(jax.random.PRNGKey(seed), x)
 
 
+@functools.partial(jax.jit, static_argnames=("fc_bias", "precision"))
+def _apply(variables: Variables, x: jax.Array, fc_bias: bool, precision: Any):
+    net = InceptionV3(
+        resize_input=False, normalize_input=False, fc_bias=fc_bias, precision=precision
+    )
+    return net.apply(variables, x)
+
+
+# Its own jit: the network compiles once per batch shape, not once per input resolution.
+_preprocess = jax.jit(preprocess)
+
+
 def make_feature_fn(
     variables: Variables, fc_bias: bool = True, precision: Any = jax.lax.Precision.HIGHEST
 ) -> Callable[[Any], dict[str, jax.Array]]:
     """Jitted ``fn(images) -> {"pool": (B, 2048), "logits": (B, 1008)}``.
 
-    ``images``: NHWC, uint8 (0..255) or float in [0, 1], any spatial size. The
-    resize runs in its own jit so the network compiles once per batch size, not once
-    per input resolution. ``variables`` are passed as jit arguments, not constants.
+    ``images``: NHWC, uint8 (0..255) or float in [0, 1], any spatial size; host arrays,
+    or device arrays split over a mesh (the batch dimension stays split, with
+    ``variables`` replicated there). ``variables`` are jit arguments, not constants: every
+    fn made here shares the compilations of the same batch shape and placement.
     """
-    net = InceptionV3(
-        resize_input=False, normalize_input=False, fc_bias=fc_bias, precision=precision
-    )
-    prep = jax.jit(preprocess)
-    apply = jax.jit(net.apply)
 
     def fn(images: Any) -> dict[str, jax.Array]:
-        return apply(variables, prep(jnp.asarray(images)))
+        return _apply(variables, _preprocess(jnp.asarray(images)), fc_bias, precision)
 
     return fn
 
