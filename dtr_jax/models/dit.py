@@ -155,15 +155,17 @@ class DiTBlock(nn.Module):
         attn = Attention(self.num_heads, self.dtype, name="attn")
         mlp = Mlp(int(d * self.mlp_ratio), self.dtype, name="mlp")
 
-        def block(h):
-            h = h + gate_msa[:, None] * attn(
+        def attn_branch(h):
+            return gate_msa[:, None] * attn(
                 modulate(_layer_norm(self.dtype)(h), shift_msa, scale_msa)
             )
-            return h + gate_mlp[:, None] * mlp(
+
+        def mlp_branch(h):
+            return gate_mlp[:, None] * mlp(
                 modulate(_layer_norm(self.dtype)(h), shift_mlp, scale_mlp)
             )
 
-        return route(block, x, mask)
+        return route((attn_branch, mlp_branch), x, mask)
 
 
 class FinalLayer(nn.Module):
