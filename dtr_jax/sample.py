@@ -43,12 +43,21 @@ class Sampler:
 
     def __call__(self, params, labels: np.ndarray, rng) -> np.ndarray:
         """Samples for `labels` (host numpy, any length) as float images on every host."""
-        n = len(labels)
-        padded = np.resize(np.asarray(labels, np.int32), -(-n // self.shards) * self.shards)
-        global_labels = jax.make_array_from_callback(padded.shape, self.batch, lambda i: padded[i])
         params = jax.device_put(params, self.params_sharding)  # no-op when already there
-        out = self._fn(params, global_labels, self.tables, rng)
-        return np.asarray(sharding.host_gather(out))[:n]
+        out = self._fn(params, self.global_labels(labels), self.tables, rng)
+        return np.asarray(sharding.host_gather(out))[: len(labels)]
+
+    def global_labels(self, labels: np.ndarray) -> jax.Array:
+        """`labels` (host numpy) padded to a multiple of the batch shards, split over them."""
+        n = -(-len(labels) // self.shards) * self.shards
+        padded = np.resize(np.asarray(labels, np.int32), n)
+        return jax.make_array_from_callback(padded.shape, self.batch, lambda i: padded[i])
+
+    def lower(self, params, global_labels: jax.Array, rng):
+        """The jitted sampler lowered for these arguments (the benchmark compiles it ahead
+        of time for its compile time and XLA's memory analysis); call the compiled
+        executable with (params, global_labels, self.tables, rng)."""
+        return self._fn.lower(params, global_labels, self.tables, rng)
 
 
 # --- images --------------------------------------------------------------------------
