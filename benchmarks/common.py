@@ -140,15 +140,25 @@ def step_memory_mib(compiled) -> float:
     return total / 2**20
 
 
-def device_peak_gib() -> float | None:
-    """The most memory any local device held at once so far (GPU/TPU; None on CPU,
-    which keeps no such count)."""
-    peaks = []
+def _memory_stat(name: str) -> float | None:
+    """max over local devices of a `memory_stats()` entry, in GiB (None on CPU, which
+    keeps no such count)."""
+    values = []
     for device in jax.local_devices():
         stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-        if stats and "peak_bytes_in_use" in stats:
-            peaks.append(stats["peak_bytes_in_use"])
-    return max(peaks) / 2**30 if peaks else None
+        if stats and name in stats:
+            values.append(stats[name])
+    return max(values) / 2**30 if values else None
+
+
+def device_peak_gib() -> float | None:
+    """The most memory any local device held at once so far."""
+    return _memory_stat("peak_bytes_in_use")
+
+
+def device_limit_gib() -> float | None:
+    """What the allocator may use of one device (XLA_PYTHON_CLIENT_MEM_FRACTION of it)."""
+    return _memory_stat("bytes_limit")
 
 
 def parse_value(text: str, current):

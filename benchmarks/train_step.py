@@ -55,23 +55,29 @@ class Row:
 
 
 class JaxStep:
-    """The compiled step of one row and the state it advances."""
+    """The compiled step of one row and the state it advances (`compile_only`: shapes only,
+    nothing allocated, so DiT-XL/2 compiles on a laptop)."""
 
-    def __init__(self, config, mesh_shape: tuple[int, int]):
+    def __init__(self, config, mesh_shape: tuple[int, int], compile_only: bool = False):
         data, fsdp = mesh_shape
         config.mesh.data, config.mesh.fsdp = data, fsdp
         devices = jax.devices()[: data * fsdp]
         validate(config, len(devices), mode="train")
         self.setup = step_lib.create_setup(config)
         self.mesh = sharding.make_mesh(config.mesh, devices)
-        _, shardings = step_lib.state_layout(self.setup, self.mesh)
-        self.state = step_lib.create_state(self.setup, self.mesh, shardings)
-        self.batch = jax.device_put(
-            synthetic_batch(self.setup.dm.model, config.global_batch_size),
-            sharding.batch_sharding(self.mesh),
-        )
+        abstract, shardings = step_lib.state_layout(self.setup, self.mesh)
+        batch = synthetic_batch(self.setup.dm.model, config.global_batch_size)
+        batch_sharding = sharding.batch_sharding(self.mesh)
         tables = self.setup.dm.tables
         rep = sharding.replicated(self.mesh)
+        if compile_only:
+            self.state = abstract
+            self.batch = jax.tree.map(
+                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=batch_sharding), batch
+            )
+        else:
+            self.state = step_lib.create_state(self.setup, self.mesh, shardings)
+            self.batch = jax.device_put(batch, batch_sharding)
         self.tables = None if tables is None else jax.device_put(tables, rep)
         jitted = step_lib.jit_train_step(self.setup, self.mesh, shardings)
         with sharding.mesh_context(self.mesh):
@@ -113,7 +119,7 @@ def synthetic_batch(model, batch: int) -> dict:
 def jax_row(config, kind: str, mesh: tuple[int, int], variant: dict, compile_only: bool) -> Row:
     config = config.copy_and_resolve_references()
     config.model.routing.kind = kind
-    step = JaxStep(config, mesh)
+    step = JaxStep(config, mesh, compile_only)
     loss = float("nan") if compile_only else step.first_loss()
     return Row(
         "jax",
@@ -275,31 +281,22 @@ def _goals(rows, med, i, base, mfu) -> list[str]:
 
 
 def compile_report(rows: list[Row]) -> str:
-    columns = [
-        "variant",
-        "mesh",
-        "routing",
-        "batch",
-        "dtype",
-        "compile s",
-        "memory MiB",
-        "XLA GFLOP",
-        "XLA GB accessed",
-    ]
-    out = [
-        (
-            variant_text(r.variant),
-            f"{r.mesh[0]}x{r.mesh[1]}",
-            r.kind,
-            r.config.global_batch_size,
-            r.config.model.dtype,
-            common.fmt(r.compile_seconds),
-            common.fmt(r.memory_mib),
-            common.fmt(r.cost.get("flops", float("nan")) / 1e9),
+    """Compile time, XLA's memory account of the step and its cost analysis, per row;
+    with a device memory limit (GPU/TPU), whether XLA's account fits under it. Under
+    scan_blocks XLA counts the loop body once: its GFLOP and bytes are not comparable."""
+    limit = common.device_limit_gib()
+    columns = ["variant", "mesh", "routing", "batch", "dtype", "compile s", "memory MiB"]
+    columns += ["XLA GFLOP", "XLA GB accessed"] + (["fits"] if limit else [])
+    out = []
+    for r in rows:
+        out.append([
+            variant_text(r.variant), f"{r.mesh[0]}x{r.mesh[1]}", r.kind,
+            r.config.global_batch_size, r.config.model.dtype, common.fmt(r.compile_seconds),
+            common.fmt(r.memory_mib), common.fmt(r.cost.get("flops", float("nan")) / 1e9),
             common.fmt(r.cost.get("bytes accessed", float("nan")) / 1e9, 2),
-        )
-        for r in rows
-    ]
+        ])  # fmt: skip
+        if limit:
+            out[-1].append("yes" if r.memory_mib / 1024 <= limit else "no")
     return common.table(columns, out)
 
 
@@ -347,6 +344,9 @@ def main(argv=None):
     lines = [f"config {args.config}; {variant_text(common.parse_assignments(args.set))}"]
     lines.append(f"forward {common.forward_macs(rows[0].model) / 1e9:.4g} GMACs/image")
     if args.compile_only:
+        limit = common.device_limit_gib()
+        if limit:
+            lines.append(f"device memory limit (allocator): {limit:.2f} GiB")
         print(common.header("Train step: compile time and memory", lines) + "\n")
         print(compile_report(rows))
         return
