@@ -204,9 +204,12 @@ def variants(vary: Sequence[str]) -> list[dict[str, str]]:
 
 
 def parse_meshes(text: str, num_devices: int) -> list[tuple[int, int]]:
-    """'8x1,4x2' -> [(8, 1), (4, 2)] (data x fsdp); '' = all devices on the data axis."""
+    """'8x1,4x2' -> [(8, 1), (4, 2)] (data x fsdp); '' = all devices on the data axis;
+    'all' = every data x fsdp split of all devices (8: 8x1, 4x2, 2x4, 1x8)."""
     if not text:
         return [(num_devices, 1)]
+    if text == "all":
+        return [(num_devices // f, f) for f in range(1, num_devices + 1) if num_devices % f == 0]
     meshes = []
     for item in text.split(","):
         data, _, fsdp = item.partition("x")

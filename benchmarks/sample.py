@@ -67,6 +67,10 @@ class JaxSampler:
         return common.timed(loop)[1] / calls
 
 
+def no_loss() -> float:
+    return float("nan")
+
+
 def forward_passes(config, batch: int) -> int:
     """Images through the model per call: steps x batch, x2 with guidance."""
     guided = config.sample.cfg_scale != 1.0 and config.model.num_classes > 1
@@ -79,7 +83,7 @@ def jax_row(config, kind: str, mesh, variant: dict, batch: int) -> Row:
     s = JaxSampler(config, mesh, batch)
     s.run(1)  # warm-up
     return Row("jax", kind, mesh, variant, config, s.dm.model, s.run, s.compile_seconds,
-               s.memory_mib, float("nan"))  # fmt: skip
+               s.memory_mib, no_loss)  # fmt: skip
 
 
 def torch_rows(config, kinds: list[str], modes: list[str], batch: int) -> list[Row]:
@@ -92,7 +96,7 @@ def torch_rows(config, kinds: list[str], modes: list[str], batch: int) -> list[R
         for kind in kinds:
             r = torch_step.SampleRunner(config, kind, compiled=mode == "compiled", batch=batch)
             rows.append(Row(f"torch {mode}", kind, (1, 1), {}, config, model, r.run,
-                            r.compile_seconds, r.memory_mib, float("nan")))  # fmt: skip
+                            r.compile_seconds, r.memory_mib, no_loss))  # fmt: skip
     return rows
 
 
@@ -138,7 +142,7 @@ def main(argv=None):
     parser.add_argument("--num-steps", type=int, default=250)
     parser.add_argument("--cfg-scale", type=float, default=None, help="default: the config's")
     parser.add_argument("--kinds", default="none,dtr")
-    parser.add_argument("--meshes", default="", help="data x fsdp, e.g. 8x1,4x2")
+    parser.add_argument("--meshes", default="", help="data x fsdp, e.g. 8x1,4x2; all = every split")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--set", action="append", default=[], help="field=value override")
     parser.add_argument("--vary", action="append", default=[], help="field=v1,v2: rows per value")

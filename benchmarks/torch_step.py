@@ -222,7 +222,7 @@ class TrainRunner:
                 weight_decay=o.weight_decay, fused=device().type == "cuda",
             )  # fmt: skip
             self.loss_fn = torch.compile(self._loss) if compiled else self._loss
-            self.loss = float(self._step())  # the first step compiles
+            self._step()  # the first step compiles
         self.compile_seconds, self.memory_mib = measured.seconds, measured.mib
 
     def _loss(self, x0, y, t, noise):
@@ -244,7 +244,10 @@ class TrainRunner:
         self.opt.step()
         with torch.no_grad():
             torch._foreach_lerp_(self.ema, self.params, 1.0 - self.ema_decay)
-        return loss.detach()
+        self.loss = loss.detach()
+
+    def last_loss(self) -> float:
+        return float(self.loss)
 
     def run(self, steps: int) -> float:
         start = time.perf_counter()

@@ -10,8 +10,9 @@ matmul ceiling of the same run, and optionally against the PyTorch counterpart.
 Each row is the real jitted, sharded, donated train step (`dtr_jax.step`: hybrid loss,
 AdamW, EMA) on a fixed synthetic batch resident on the devices, so no input pipeline
 and no host transfer is timed. All rows are compiled first, then timed in interleaved
-rounds (medians), so background load falls on all of them alike; every row starts from
-the same initial state, and its first-step loss is printed (equal across meshes).
+rounds (medians), so background load falls on all of them alike. Every row starts from
+the same initial state and runs the same steps (the noise and timesteps of step k depend
+only on the seed and k): the loss of its last step is printed, equal across meshes.
 `--vary field=a,b` adds rows for each value (e.g. remat policies, scan, attention).
 Rows hold their states at once: for the largest batch, time one kind at a time.
 """
@@ -46,7 +47,7 @@ class Row:
     run: Callable[[int], float]
     compile_seconds: float
     memory_mib: float  # XLA's account of the step (JAX) or the peak allocated (torch GPU)
-    loss: float  # of the first step
+    last_loss: Callable[[], float]  # the loss of the last step run
     cost: dict = dataclasses.field(default_factory=dict)  # XLA's flops / bytes accessed
 
     @property
@@ -90,15 +91,13 @@ class JaxStep:
 
         def loop():
             for _ in range(steps):
-                self.state, metrics = self.compiled(self.state, self.batch, self.tables)
-            return self.state, metrics
+                self.state, self.metrics = self.compiled(self.state, self.batch, self.tables)
+            return self.state, self.metrics
 
         return common.timed(loop)[1] / steps
 
-    def first_loss(self) -> float:
-        """One step (the warm-up), returning its loss."""
-        self.state, metrics = self.compiled(self.state, self.batch, self.tables)
-        return float(jax.device_get(metrics["loss"]))
+    def last_loss(self) -> float:
+        return float(jax.device_get(self.metrics["loss"]))
 
     def cost(self) -> dict:
         analysis = self.compiled.cost_analysis()
@@ -120,7 +119,8 @@ def jax_row(config, kind: str, mesh: tuple[int, int], variant: dict, compile_onl
     config = config.copy_and_resolve_references()
     config.model.routing.kind = kind
     step = JaxStep(config, mesh, compile_only)
-    loss = float("nan") if compile_only else step.first_loss()
+    if not compile_only:
+        step.run(1)  # warm-up
     return Row(
         "jax",
         kind,
@@ -131,7 +131,7 @@ def jax_row(config, kind: str, mesh: tuple[int, int], variant: dict, compile_onl
         step.run,
         step.compile_seconds,
         common.step_memory_mib(step.compiled),
-        loss,
+        step.last_loss,
         step.cost(),
     )
 
@@ -156,7 +156,7 @@ def torch_rows(config, kinds: list[str], modes: list[str]) -> list[Row]:
                     runner.run,
                     runner.compile_seconds,
                     runner.memory_mib,
-                    runner.loss,
+                    runner.last_loss,
                 )
             )
     return rows
@@ -186,7 +186,7 @@ def report(rows: list[Row], times: dict[int, list[float]], ceiling: float | None
         "MFU",
         "memory MiB",
         "compile s",
-        "first loss",
+        "last loss",
     ]
     med = {i: common.median(times[i]) for i in times}
     out, goals = [], []
@@ -212,7 +212,7 @@ def report(rows: list[Row], times: dict[int, list[float]], ceiling: float | None
                 "-" if mfu is None else f"{100 * mfu:.1f}%",
                 common.fmt(row.memory_mib),
                 common.fmt(row.compile_seconds),
-                common.fmt(row.loss, 5),
+                common.fmt(row.last_loss(), 5),
             )
         )
         goals += _goals(rows, med, i, base, mfu)
@@ -241,7 +241,10 @@ def _goals(rows, med, i, base, mfu) -> list[str]:
     row, where, out = rows[i], common.platform_name(), []
     what = f"{row.framework} {variant_text(row.variant)} mesh {row.mesh[0]}x{row.mesh[1]}"
     if row.framework == "jax" and row.kind == "dtr" and base is not None:
-        ratio, limit = med[i] / med[base], common.DTR_OVERHEAD[where]
+        ratio, limit = (
+            med[i] / med[base],
+            common.DTR_OVERHEAD.get(where, common.DTR_OVERHEAD["gpu"]),
+        )
         out.append(
             f"- DTR / none step time, {what}: {ratio:.3f} (goal <= {limit}: "
             f"{common.verdict(ratio <= limit)})"
@@ -305,7 +308,9 @@ def parse_args(argv=None):
     parser.add_argument("--config", default="configs/digits.py")
     parser.add_argument("--batch", type=int, default=None, help="global batch size")
     parser.add_argument("--kinds", default="none,dtr,random")
-    parser.add_argument("--meshes", default="", help="data x fsdp, e.g. 8x1,4x2,1x8")
+    parser.add_argument(
+        "--meshes", default="", help="data x fsdp, e.g. 8x1,4x2,1x8; all = every split"
+    )
     parser.add_argument("--steps", type=int, default=10, help="steps per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--set", action="append", default=[], help="field=value override")
