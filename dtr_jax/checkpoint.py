@@ -1,32 +1,144 @@
-"""Orbax checkpoints of the whole train state plus a JSON record of the run.
+"""Verified Orbax checkpoints of the whole train state, with a commit protocol of our own.
 
-Layout: WORKDIR/checkpoints/<step>/{state,meta}. `state` is the train-state
-pytree (params, EMA, optimizer and UW state, step); `meta` holds the config
-and the model signature (what the params mean), which a resumed run and every
-reading mode must match. Restoring takes an abstract target carrying the
-shardings of the current mesh, so a checkpoint restores onto any number of
-devices.
+Layout: WORKDIR/checkpoints/<step>/{state, meta, commit.json}. `state` is the
+train-state pytree (params, EMA, optimizer and UW state, step); `meta` holds the
+config and the model signature (what the params mean), which a resumed run and
+every reading mode must match. Restoring takes an abstract target carrying the
+shardings of the current mesh, so a checkpoint restores onto any number of devices.
+
+Commit protocol (holds on object stores without atomic renames, e.g. gs://): a step
+counts only once `commit.json` exists in its directory, and that file is written
+last, after Orbax has finished every write of every host. It records a checksum,
+shape and dtype of every array. A step directory without it (a crash or a full disk
+mid-save) is ignored, and removed by the trainer that owns the workdir.
+
+Verified restore: the newest committed step is restored and each array is checked
+against its recorded checksum, and floating arrays for finiteness. A checkpoint that
+fails (truncated, corrupted, missing an item, unreadable) is reported by path and
+reason, and the next older one is tried. Nothing is ever deleted or overwritten
+because it failed: the trainer moves it aside to `<step>.corrupt` (read-only modes
+leave it in place), so the step can be written again. Checkpoints are deleted only
+by retention (`max_to_keep`), and only once a newer one is committed.
 """
 
 from __future__ import annotations
 
-import os
+import datetime
+import json
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 from flax import traverse_util
 
-from dtr_jax import files
-from dtr_jax.errors import ConfigError
+from dtr_jax import files, sharding
+from dtr_jax.errors import CheckpointError, TrainingDiverged, WorkdirError
+
+COMMIT = "commit.json"
+COMMIT_FORMAT = 1
+CORRUPT_SUFFIX = ".corrupt"
+ITEMS = ("state", "meta")
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
     return files.resolve(workdir) / "checkpoints"
 
 
+# --- array checksums, computed on the devices ------------------------------------------
+
+
+def _leaf_digest(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(checksum (2,) uint32, all finite) of one array, independent of its sharding.
+
+    The checksum is (sum of the bit patterns, sum of bit pattern x (2 * position + 1)),
+    both mod 2^32: any single flipped bit, and any swap of two different elements,
+    changes it.
+    """
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+    bits = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+    position = jnp.zeros(x.shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(x.ndim)):
+        position += jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis) * jnp.uint32(stride)
+        stride *= x.shape[axis]
+    checksum = jnp.stack(
+        [bits.sum(dtype=jnp.uint32), (bits * (2 * position + 1)).sum(dtype=jnp.uint32)]
+    )
+    finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.bool_(True)
+    return checksum, finite
+
+
+@jax.jit
+def _digests(leaves: list[jax.Array]):
+    return [_leaf_digest(x) for x in leaves]
+
+
+def array_records(tree) -> dict[str, dict]:
+    """{'params/blocks_0/attn/qkv/kernel': {shape, dtype, checksum, finite}} of a pytree of
+    jax.Arrays; the checksums are computed where the arrays live (one small fetch)."""
+    flat = traverse_util.flatten_dict(_as_dict(tree), sep="/")
+    values = sharding.host_gather(_digests(list(flat.values())))
+    return {
+        path: dict(
+            shape=list(np.shape(leaf)),
+            dtype=str(leaf.dtype),
+            checksum=[int(v) for v in checksum],
+            finite=bool(finite),
+        )
+        for (path, leaf), (checksum, finite) in zip(flat.items(), values, strict=True)
+    }
+
+
+def _as_dict(tree) -> dict:
+    """A pytree as nested dicts keyed by its path entries (dataclass fields, dict keys,
+    sequence indices), leaves kept; None subtrees dropped."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        node = out
+        keys = [_key_name(k) for k in path]
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1] if keys else "value"] = leaf
+    return out
+
+
+def _key_name(key) -> str:
+    for attr in ("name", "key", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _verify(recorded: dict, restored: dict[str, dict], prefix: str = "") -> str | None:
+    """None if every restored array matches its record (under `prefix`), else why not."""
+    for path, got in restored.items():
+        want = recorded.get(prefix + path)
+        if want is None:
+            return f"array {prefix + path} is not in its {COMMIT}"
+        if (got["shape"], got["dtype"]) != (want["shape"], want["dtype"]):
+            return (
+                f"array {prefix + path} is {got['dtype']}{got['shape']}, "
+                f"recorded {want['dtype']}{want['shape']}"
+            )
+        if got["checksum"] != want["checksum"]:
+            return f"array {prefix + path} does not match its recorded checksum (corrupted data)"
+        if not got["finite"]:
+            return f"array {prefix + path} holds non-finite values"
+    return None
+
+
+# --- the checkpoints of a workdir -------------------------------------------------------
+
+
 class Checkpoints:
-    """A thin CheckpointManager wrapper with the save/restore calls training needs."""
+    """The committed checkpoints of WORKDIR: save (async), commit, verified restore.
+
+    `owner=True` is the trainer holding the workdir lock: it may remove unfinished
+    steps and move failed checkpoints aside. Read-only users only read.
+    """
 
     def __init__(
         self,
@@ -35,60 +147,228 @@ class Checkpoints:
         max_to_keep: int = 3,
         async_save: bool = True,
         read_only: bool = False,
+        owner: bool = False,
     ):
+        self.directory = checkpoint_dir(workdir)
+        self.max_to_keep, self.owner = max_to_keep, owner and not read_only
+        self._pending: tuple[int, dict] | None = None  # saved, not yet committed
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=None if read_only else max_to_keep,
+            max_to_keep=None,  # retention is ours: only committed steps count
             save_interval_steps=0 if read_only else 1,
             create=not read_only,
             read_only=read_only,
             enable_async_checkpointing=async_save,
         )
-        self._manager = ocp.CheckpointManager(
-            checkpoint_dir(workdir), options=options, item_names=("state", "meta")
-        )
+        if self.owner:
+            self.remove_unfinished()
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+    # --- what is there
+
+    def step_dir(self, step: int) -> epath.Path:
+        return self.directory / str(step)
+
+    def committed_steps(self) -> list[int]:
+        """Steps whose commit record exists, oldest first."""
+        if not self.directory.is_dir():
+            return []
+        steps = [int(p.name) for p in self.directory.iterdir() if p.name.isdigit()]
+        return sorted(s for s in steps if (self.step_dir(s) / COMMIT).exists())
 
     def latest_step(self) -> int | None:
-        return self._manager.latest_step()
+        steps = self.committed_steps()
+        return steps[-1] if steps else None
 
-    def all_steps(self) -> list[int]:
-        return list(self._manager.all_steps())
+    def unfinished(self) -> list[epath.Path]:
+        """Step directories without a commit record, and Orbax's temporary directories."""
+        if not self.directory.is_dir():
+            return []
+        committed = set(self.committed_steps())
+        return sorted(
+            p
+            for p in self.directory.iterdir()
+            if (p.name.isdigit() and int(p.name) not in committed)
+            or ".orbax-checkpoint-tmp" in p.name
+        )
 
-    def save(self, step: int, state, meta: dict, *, force: bool = False) -> bool:
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        return self._manager.save(step, args=args, force=force)
+    def remove_unfinished(self) -> None:
+        """Removes what interrupted saves left (owner only: no save of ours is running)."""
+        if jax.process_index() == 0:
+            for path in self.unfinished():
+                logging.warning("Removing the unfinished checkpoint %s (no %s)", path, COMMIT)
+                path.rmtree() if path.is_dir() else path.unlink()
+        sharding.sync_hosts("dtr_jax.checkpoint.remove_unfinished")
 
-    def restore(self, abstract_state, step: int | None = None):
-        """The state at `step` (default latest), laid out as `abstract_state` says."""
-        step = self.latest_step() if step is None else step
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-        return self._manager.restore(step, args=args).state
-
-    def restore_params(self, target, which: str = "ema_params", step: int | None = None):
-        """Only `which` ('ema_params' or 'params') of the saved state, laid out as `target`
-        (ShapeDtypeStructs with shardings); the optimizer state is never read."""
-        step = self.latest_step() if step is None else step
-        item = {which: target}
-        restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), item)
-        args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
-        return self._manager.restore(step, args=ocp.args.Composite(state=args)).state[which]
-
-    def meta(self, step: int | None = None) -> dict | None:
-        step = self.latest_step() if step is None else step
-        if step is None:
-            return None
+    def meta(self, step: int) -> dict:
         return self._manager.restore(
             step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
         ).meta
+
+    def newest_meta(self) -> tuple[int, dict] | None:
+        """(step, meta) of the newest committed step whose meta can be read."""
+        for step in reversed(self.committed_steps()):
+            try:
+                return step, self.meta(step)
+            except Exception as e:  # an unreadable checkpoint: the restore reports it
+                logging.warning("Cannot read the meta of %s: %s", self.step_dir(step), e)
+        return None
+
+    # --- saving
+
+    def save(self, step: int, state, meta: dict, *, force: bool = False) -> None:
+        """Starts saving `state` at `step` (asynchronously); `poll`/`wait` commit it.
+
+        Refuses a state with non-finite arrays: a diverged run never overwrites the
+        last good checkpoint.
+        """
+        self._commit_previous()
+        records = array_records(state)
+        bad = [path for path, r in records.items() if not r["finite"]]
+        if bad:
+            raise TrainingDiverged(
+                f"refusing to save step {step}: {bad[0]} (and {len(bad) - 1} more arrays) "
+                f"hold non-finite values; the last good checkpoint is step {self.latest_step()}"
+            )
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        try:
+            started = self._manager.save(step, args=args, force=force)
+        except OSError as e:
+            raise self._write_error(step, e) from e
+        if started:
+            self._pending = (step, records)
+
+    def poll(self) -> None:
+        """Commits a finished asynchronous save (cheap; call once per step). Each host
+        decides on its own: process 0, which writes the record, finishes a save only once
+        every host has written its part."""
+        if self._pending is not None and not self._manager.is_saving_in_progress():
+            self._commit_previous()
+
+    def wait(self) -> None:
+        """Waits for the save in flight and commits it."""
+        self._commit_previous()
+
+    def _commit_previous(self) -> None:
+        if self._pending is None:
+            return
+        step, records = self._pending
+        self._pending = None
+        try:
+            self._manager.wait_until_finished()
+            self._manager.check_for_errors()
+            if jax.process_index() == 0:
+                record = dict(
+                    format=COMMIT_FORMAT,
+                    step=step,
+                    time=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                    arrays=records,
+                )
+                text = json.dumps(record, indent=1, sort_keys=True).encode()
+                files.write_atomically(str(self.step_dir(step) / COMMIT), text)
+        except Exception as e:  # the save failed: the step stays uncommitted
+            raise self._write_error(step, e) from e
+        logging.info("Committed checkpoint %s", self.step_dir(step))
+        self._apply_retention()
+
+    def _write_error(self, step: int, error: Exception) -> CheckpointError:
+        return CheckpointError(
+            f"could not write checkpoint {self.step_dir(step)} ({type(error).__name__}: "
+            f"{error}); it stays uncommitted and is ignored. The last committed checkpoint "
+            f"is step {self.latest_step()}, intact"
+        )
+
+    def _apply_retention(self) -> None:
+        if self.max_to_keep and jax.process_index() == 0:
+            for step in self.committed_steps()[: -self.max_to_keep]:
+                self._manager.delete(step)
+
+    # --- verified restoring
+
+    def restore(self, abstract_state):
+        """(state, step): the newest committed state that restores and verifies, laid
+        out as `abstract_state` (ShapeDtypeStructs with shardings) says."""
+
+        def load(step):
+            args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+            return self._manager.restore(step, args=args).state
+
+        return self._first_valid(load, prefix="")
+
+    def restore_params(self, target, which: str = "ema_params"):
+        """(params, step): only `which` ('ema_params' or 'params') of the newest valid
+        checkpoint, laid out as `target`; the optimizer state is never read."""
+
+        def load(step):
+            item = {which: target}
+            restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), item)
+            args = ocp.args.PyTreeRestore(
+                item=item, restore_args=restore_args, partial_restore=True
+            )
+            return self._manager.restore(step, args=ocp.args.Composite(state=args)).state[which]
+
+        return self._first_valid(load, prefix=f"{which}/")
+
+    def _first_valid(self, load, prefix: str):
+        found = []
+        for step in reversed(self.committed_steps()):
+            path = self.step_dir(step)
+            try:
+                recorded = json.loads((path / COMMIT).read_text())["arrays"]
+                self.meta(step)
+                tree, problem = load(step), None
+            except Exception as e:  # any failure to read makes the checkpoint unusable
+                tree, problem = None, f"cannot be read ({type(e).__name__}: {_short(e)})"
+            # Every host must take the same decision (the checksums are collective).
+            if not sharding.all_hosts_agree(problem is None):
+                problem = problem or "cannot be read on another host"
+            if problem is None:
+                problem = _verify(recorded, array_records(tree), prefix)
+            if problem is None:
+                if found:
+                    logging.warning("Using checkpoint %s instead", path)
+                return tree, step
+            logging.warning("Checkpoint %s is unusable: %s", path, problem)
+            found.append(f"{path}: {problem}")
+            if self.owner:
+                self._set_aside(step)
+        unfinished = len(self.unfinished())
+        detail = "".join(f"\n  - {f}" for f in found) or " none is committed"
+        raise CheckpointError(
+            f"no valid checkpoint in {self.directory}:{detail}"
+            + (f"\n  ({unfinished} unfinished step directories ignored)" if unfinished else "")
+        )
+
+    def _set_aside(self, step: int) -> None:
+        """Renames a failed checkpoint to <step>.corrupt[-k], keeping its bytes for inspection."""
+        if jax.process_index() == 0:
+            target, k = self.directory / f"{step}{CORRUPT_SUFFIX}", 1
+            while target.exists():
+                target, k = self.directory / f"{step}{CORRUPT_SUFFIX}-{k}", k + 1
+            self.step_dir(step).rename(target)
+            logging.warning("Moved %s aside to %s", self.step_dir(step), target)
+        sharding.sync_hosts(f"dtr_jax.checkpoint.aside.{step}")
+        self._manager.reload()
 
     def reached_preemption(self, step: int) -> bool:
         """True on every host once a preemption notice (SIGTERM on pods) is shared."""
         return self._manager.reached_preemption(step)
 
-    def wait(self) -> None:
-        self._manager.wait_until_finished()
-
     def close(self) -> None:
+        """Commits a save still in flight if it can (logging, not raising, if it cannot:
+        `close` runs while another error may be on its way out), then closes."""
+        try:
+            self._commit_previous()
+        except CheckpointError as e:
+            logging.error("%s", e)
         self._manager.close()
+
+
+def _short(error: Exception, limit: int = 300) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --- what a workdir holds -------------------------------------------------------------------
 
 
 def check_workdir(workdir: str, signature: dict) -> None:
@@ -96,56 +376,45 @@ def check_workdir(workdir: str, signature: dict) -> None:
 
     Reads only; writes nothing, so a refused workdir is left exactly as it was.
     """
-    if not files.is_remote(workdir):
-        _check_local_writable(workdir)
+    files.check_writable_dir(workdir, "--workdir")
     if checkpoint_dir(workdir).is_dir():
         _check_signature(workdir, signature)
 
 
 def require_checkpoint(workdir: str, signature: dict) -> int:
-    """The latest step of WORKDIR's checkpoints, which must be of this model."""
-    step = None
-    if checkpoint_dir(workdir).is_dir():
-        step = _check_signature(workdir, signature)
+    """The newest committed step of WORKDIR, whose model must be this one."""
+    step = _check_signature(workdir, signature) if checkpoint_dir(workdir).is_dir() else None
     if step is None:
-        raise ConfigError([f"--workdir={workdir} holds no checkpoint: train first (--mode train)"])
+        raise CheckpointError(
+            f"--workdir={workdir} holds no committed checkpoint: train first (--mode train)"
+        )
     return step
 
 
 def _check_signature(workdir: str, signature: dict) -> int | None:
-    """Latest step (None if none), after checking its model signature against ours."""
+    """Newest committed step (None if none), after checking its model signature."""
     ckpt = Checkpoints(workdir, read_only=True)
     try:
-        step, meta = ckpt.latest_step(), ckpt.meta()
+        newest = ckpt.newest_meta()
+        latest = ckpt.latest_step()
     finally:
         ckpt.close()
-    theirs = _flat((meta or {}).get("signature", signature))
+    if newest is None:
+        return latest
+    theirs = _flat(newest[1].get("signature", signature))
     ours = _flat(signature)
     diffs = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
     if diffs:
         detail = ", ".join(
             f"{k}: checkpoint {theirs.get(k)!r} vs config {ours.get(k)!r}" for k in diffs
         )
-        raise ConfigError(
+        raise WorkdirError(
             [
                 f"--workdir={workdir} holds checkpoints of a different model "
                 f"({detail}); use a new workdir or the matching config"
             ]
         )
-    return step
-
-
-def _check_local_writable(workdir: str) -> None:
-    path = os.path.abspath(workdir)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ConfigError([f"--workdir={workdir} is a file, not a directory"])
-    existing = path
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise ConfigError([f"--workdir={workdir} cannot be created: {existing} is a file"])
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError([f"--workdir={workdir} is not writable ({existing} refuses writes)"])
+    return latest
 
 
 def _flat(signature: dict) -> dict:

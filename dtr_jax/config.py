@@ -10,9 +10,11 @@ must match them.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 
 import ml_collections
+import numpy as np
 from flax import traverse_util
 from ml_collections import config_dict
 
@@ -21,6 +23,8 @@ from dtr_jax import (
     decoders,
     diffusion,
     evaluators,
+    interop,
+    lock,
     models,
     optimizer,
     routing,
@@ -28,7 +32,7 @@ from dtr_jax import (
     weighting,
 )
 from dtr_jax.errors import ConfigError, integer_problems, prefixed, raise_problems
-from dtr_jax.models import DiT, model_architecture
+from dtr_jax.models import DiT, create_dit, model_architecture
 
 MODES = ("train", "sample", "evaluate", "export")
 
@@ -40,6 +44,7 @@ __all__ = [
     "model_spec",
     "parse_labels",
     "signature",
+    "unknown_field_problems",
     "validate",
 ]
 
@@ -55,6 +60,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.sample_every_steps = 0  # image summary of samples; 0 = off
     c.eval_every_steps = 0  # in-loop evaluation; 0 = off
     c.profile_steps = 0  # steps traced by the profiler once training runs; 0 = off
+    # An official-layout PyTorch file (.pt/.pth/.safetensors: a DiT release state dict or a
+    # DTR release checkpoint) that a workdir without checkpoints starts from: the params
+    # and EMA (and AdamW/UW state) of a new training run, or the params every other mode
+    # reads (README: PyTorch interop). '' = none.
+    c.init_from = ""
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "DiT-B/2"
@@ -79,6 +89,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.routing.beta = 0.8  # sharing ratio: active channels per task
     c.model.routing.alpha = 4.0  # window speed (the release hard-codes 4)
     c.model.routing.seed = 0  # seeds the 'random' tables
+    # kind='file': the tables' file: a .npy (G, T, C), a PyTorch checkpoint with routing
+    # buffers (e.g. init_from) or an export's model.safetensors
+    c.model.routing.path = ""
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.schedule = "linear"
@@ -115,6 +128,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.max_to_keep = 3
     c.checkpoint.async_save = True
+    c.checkpoint.lock_lease_secs = 600.0  # a trainer lock older than this (other host) is stale
 
     c.sample = ml_collections.ConfigDict()
     c.sample.sampler = "ddpm"
@@ -128,7 +142,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.sample.labels = ""  # '' = uniform random; or '0,1,2'
     c.sample.seed = 0
     c.sample.grid_per_class = 8  # columns of the per-class PNG grid
-    c.sample.decoder = "latents"  # 'pixels', 'latents' (saved raw) or a registered VAE
+    c.sample.decoder = "latents"  # 'pixels', 'latents' (saved raw) or 'sd_vae' (vae.path)
+
+    c.vae = ml_collections.ConfigDict()  # the VAE of sample.decoder=sd_vae
+    c.vae.path = ""  # local diffusers folder (or .safetensors) of sd-vae-ft-ema / sd-vae-ft-mse
+    c.vae.batch_size = 64  # global images per VAE encode/decode batch
 
     c.eval = ml_collections.ConfigDict()
     c.eval.metrics = ""  # evaluators, e.g. 'digits,inception'; '' = the data's own (+ inception)
@@ -153,15 +171,39 @@ def load_config(path: str, **overrides) -> ml_collections.ConfigDict:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
+    raise_problems(unknown_field_problems(config, overrides))
     for name, value in overrides.items():
         *parents, leaf = name.split(".")
         node = config
         for part in parents:
             node = node[part]
-        if leaf not in node:
-            raise KeyError(f"config has no field {name!r}")
         node[leaf] = value
     return config
+
+
+def unknown_field_problems(config, names) -> list[str]:
+    """One problem per dotted name in `names` that is not a field (or section) of
+    `config`, suggesting the closest fields: same section first, then anywhere."""
+    known = sorted(flat_fields(config))
+    sections = {k.rsplit(".", i)[0] for k in known for i in range(1, k.count(".") + 1)}
+    out = []
+    for name in names:
+        if name in known or name in sections:
+            continue
+        section, _, leaf = name.rpartition(".")
+        siblings = {k.rpartition(".")[2]: k for k in known if k.rpartition(".")[0] == section}
+        close = [siblings[m] for m in difflib.get_close_matches(leaf, siblings, n=2)]
+        if not close:
+            leaves = {k: k.rpartition(".")[2] for k in known}
+            matches = difflib.get_close_matches(leaf, set(leaves.values()), n=2)
+            close = [k for k, v in leaves.items() if v in matches][:3]
+        hint = (
+            f": did you mean {' or '.join(f'--config.{k}' for k in close)}?"
+            if close
+            else " (every field and its default is in dtr_jax/config.py: default_config)"
+        )
+        out.append(f"--config.{name} is not a config field{hint}")
+    return out
 
 
 def parse_labels(text: str) -> list[int]:
@@ -176,21 +218,31 @@ def model_spec(config) -> dict:
     """The model the params belong to: architecture, routing and diffusion (JSON types).
 
     Enough to rebuild the model and its tables (`inference.build`); exports store it.
+    Tables of kind 'file' are named by a hash of their content (the file may move; other
+    tables are another model); `inference.from_config` reads them.
     """
-    m, r, d = config.model, config.model.routing, config.diffusion
+    r, d = config.model.routing, config.diffusion
+    tables = dict(kind=str(r.kind), beta=float(r.beta), alpha=float(r.alpha), seed=int(r.seed))
+    if r.kind == routing.FILE:  # the file's tables, named by their content
+        tables = dict(kind=routing.FILE, sha256=interop.tables_digest(interop.read_tables(r.path)))
+    return dict(
+        model=_model_fields(config.model),
+        routing=tables,
+        diffusion=dict(schedule=str(d.schedule), num_timesteps=int(d.num_timesteps)),
+    )
+
+
+def _model_fields(m) -> dict:
+    """The model section of `model_spec`: name, architecture and input/output."""
     arch = {k: int(v) for k, v in model_architecture(m).items()}
     return dict(
-        model=dict(
-            name=str(m.name),
-            **arch,
-            mlp_ratio=float(DiT.mlp_ratio),
-            input_size=int(m.input_size),
-            in_channels=int(m.in_channels),
-            num_classes=int(m.num_classes),
-            learn_sigma=bool(m.learn_sigma),
-        ),
-        routing=dict(kind=str(r.kind), beta=float(r.beta), alpha=float(r.alpha), seed=int(r.seed)),
-        diffusion=dict(schedule=str(d.schedule), num_timesteps=int(d.num_timesteps)),
+        name=str(m.name),
+        **arch,
+        mlp_ratio=float(DiT.mlp_ratio),
+        input_size=int(m.input_size),
+        in_channels=int(m.in_channels),
+        num_classes=int(m.num_classes),
+        learn_sigma=bool(m.learn_sigma),
     )
 
 
@@ -215,8 +267,9 @@ def validate(config, num_devices: int, mode: str = "train") -> None:
     """Raises ConfigError listing every invalid field; returns None if all is well.
 
     Each `--mode` checks what it uses: all check the model, diffusion, sampling
-    and mesh; training adds the loop, optimizer, weighting, data and checkpoint
-    fields; evaluation adds the evaluators and their files.
+    and mesh; the modes that decode samples add the decoder's own section (`vae`);
+    training adds the loop, optimizer, weighting, data and checkpoint fields;
+    evaluation adds the evaluators and their files.
     """
     if mode not in MODES:
         raise ConfigError([f"--mode={mode!r} is unknown: allowed {list(MODES)}"])
@@ -227,8 +280,17 @@ def validate(config, num_devices: int, mode: str = "train") -> None:
     found += _named("model.routing", c, routing.problems(r.kind, r.beta, r.alpha, channels))
     d = c.diffusion
     found += _named("diffusion", c, diffusion.problems(d.schedule, d.num_timesteps))
+    if r.kind == routing.FILE and not found:
+        depth, T = model_architecture(m)["depth"], d.num_timesteps
+        found += _named(
+            "model.routing", c, interop.tables_problems("path", r.path, depth, T, channels)
+        )
+    if c.init_from and not found:
+        found += _init_from_problems(c, mode)
     found += _named("mesh", c, sharding.problems(c.mesh.data, c.mesh.fsdp, num_devices))
     found += _named("sample", c, _sampling_problems(c))
+    if mode in ("train", "sample") or (mode == "evaluate" and not c.eval.samples):
+        found += _decoder_problems(c)
     if mode == "train":
         found += _training_problems(c, num_devices)
     if mode in ("train", "evaluate"):
@@ -245,6 +307,60 @@ def _named(section: str, c, problems: list[str]) -> list[str]:
     for part in section.split("."):
         node = node[part]
     return prefixed(section + ".", problems, fields=node.keys())
+
+
+def _init_from_problems(c, mode: str) -> list[str]:
+    """`init_from` must hold this config's model, from tensor shapes and the routing
+    buffers alone (nothing compiles): every key and shape, the fixed pos_embed, the
+    routing tables the config builds; for training, an AdamW and UW state that fit."""
+    name = f"init_from={c.init_from!r}"
+    try:
+        ckpt = interop.open_checkpoint(c.init_from)
+    except (OSError, ValueError) as e:
+        return [f"{name} {e}"]
+    fields = _model_fields(c.model)
+    model = create_dit(fields.pop("name"), **fields)
+    T = c.diffusion.num_timesteps
+    found = [f"{name} {p}" for p in ckpt.problems(model, T, optimizer=mode == "train")]
+    if found:
+        return found
+    found = _named("model.routing", c, _routing_match_problems(c, ckpt.tables()))
+    uw, w = ckpt.uw_log_vars(), c.weighting
+    if mode == "train" and w.kind == "uw" and uw is not None and len(uw) != w.num_clusters:
+        found.append(
+            f"weighting.num_clusters={w.num_clusters} but {name} holds {len(uw)} UW "
+            f"log-variances: use --config.weighting.num_clusters={len(uw)}"
+        )
+    return found
+
+
+def _routing_match_problems(c, theirs) -> list[str]:
+    """The routing tables of `init_from` (`theirs`) must be those the config builds; if
+    not, the problem gives the overrides that make them so."""
+    r, arch, T = c.model.routing, model_architecture(c.model), c.diffusion.num_timesteps
+    depth, channels = arch["depth"], arch["hidden_size"]
+    if r.kind == routing.FILE:
+        ours = interop.read_tables(r.path)
+    else:
+        ours = routing.model_tables(r.kind, T, channels, depth, r.beta, r.alpha, r.seed)
+    if np.array_equal(
+        interop.full_tables(theirs, depth, T, channels),
+        interop.full_tables(ours, depth, T, channels),
+    ):
+        return []
+    found = interop.classify_tables(theirs, alphas=(4.0, r.alpha))
+    flag = "--config.model.routing."
+    if found["kind"] == "dtr":
+        fix = f"{flag}kind=dtr {flag}beta={found['beta']:g}"
+        fix += f" {flag}alpha={found['alpha']:g}" if found["alpha"] != r.alpha else ""
+    elif found["kind"] == "none":
+        fix = f"{flag}kind=none"
+    else:
+        fix = f"{flag}kind=file {flag}path={c.init_from}"
+    return [
+        f"kind={r.kind!r} builds other routing tables than the routing buffers of "
+        f"init_from={c.init_from!r}, which are {interop.describe_tables(found)}: use {fix}"
+    ]
 
 
 def _sampling_problems(c) -> list[str]:
@@ -267,6 +383,14 @@ def _sampling_problems(c) -> list[str]:
             f"labels has {bad}: labels must lie in [0, model.num_classes={c.model.num_classes})"
         )
     return found
+
+
+def _decoder_problems(c) -> list[str]:
+    """The config section the decoder reads (`vae` for sd_vae), in the modes that decode."""
+    if c.sample.decoder not in decoders.DECODERS:
+        return []  # reported with the sample section
+    cls = decoders.DECODERS.get(c.sample.decoder)
+    return _named(cls.section, c, cls.problems(c[cls.section])) if cls.section else []
 
 
 def _training_problems(c, num_devices: int) -> list[str]:
@@ -298,7 +422,12 @@ def _training_problems(c, num_devices: int) -> list[str]:
             num_timesteps=c.diffusion.num_timesteps,
         ),
     )
-    found += _named("checkpoint", c, integer_problems("max_to_keep", c.checkpoint.max_to_keep))
+    k = c.checkpoint
+    found += _named(
+        "checkpoint",
+        c,
+        integer_problems("max_to_keep", k.max_to_keep) + lock.problems(k.lock_lease_secs),
+    )
     return found
 
 

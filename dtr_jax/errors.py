@@ -1,10 +1,19 @@
-"""Failures a user can fix: each carries the message that says how.
+"""Failures a user can fix: each carries the message that says how, and its exit code.
 
 The bottom layers raise these without importing the config; `dtr_jax.main` prints
-`dtr_jax: <message>` and exits with the error's `exit_code`, without a traceback.
+`dtr_jax: <message>` and exits with the error's `exit_code`, without a traceback
+(`--verbose` shows one). Bugs are not DtrErrors: they end in a traceback (exit 1).
 Validation functions return *problems*: strings that start with the name of the
 field at fault (`beta=1.5 must lie in (0, 1]`); `config.validate` prefixes the
 section the field lives in (`model.routing.`) and raises them together.
+
+  exit  error               when
+  2     ConfigError         an invalid or unknown config field or flag
+  3     InputFileError      a file a field names is missing, unreadable or of the wrong kind
+  4     WorkdirError        a workdir of another model, or one that cannot be written
+  5     WorkdirLocked       another trainer owns the workdir
+  6     CheckpointError     no valid checkpoint to read, or a checkpoint could not be written
+  7     TrainingDiverged    the loss (or the state to save) is not finite
 """
 
 from __future__ import annotations
@@ -15,7 +24,7 @@ import re
 class DtrError(Exception):
     """An anticipated failure, reported as one message (no traceback)."""
 
-    exit_code = 1
+    exit_code = 1  # each subclass has its own (module docstring)
 
 
 class ConfigError(DtrError, ValueError):
@@ -24,6 +33,38 @@ class ConfigError(DtrError, ValueError):
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
         super().__init__("invalid config:\n  - " + "\n  - ".join(self.problems))
+
+    exit_code = 2
+
+
+class InputFileError(ConfigError):
+    """A file named by a config field is missing, unreadable or not what the field needs."""
+
+    exit_code = 3
+
+
+class WorkdirError(ConfigError):
+    """The workdir belongs to another model, or cannot be created or written."""
+
+    exit_code = 4
+
+
+class WorkdirLocked(DtrError):
+    """Another trainer (named in the message) owns the workdir."""
+
+    exit_code = 5
+
+
+class CheckpointError(DtrError):
+    """No checkpoint can be read, or one could not be written; says what was found."""
+
+    exit_code = 6
+
+
+class TrainingDiverged(DtrError, FloatingPointError):
+    """The loss became non-finite: the run stops, the last good checkpoint stays."""
+
+    exit_code = 7
 
 
 def raise_problems(problems: list[str]) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 from absl import logging
 
 from dtr_jax import config as config_lib
-from dtr_jax import decoders, evaluators, files, sample
+from dtr_jax import evaluators, files, sample
 
 
 def selected(config) -> list[type[evaluators.Evaluator]]:
@@ -33,16 +33,17 @@ def evaluate_images(instances, images: np.ndarray, labels) -> dict:
 
 class InLoopEvaluation:
     """Built once per run (classifier, Inception weights, reference features); called
-    every eval_every_steps with the run's Sampler on `eval.num_samples` fresh samples."""
+    every eval_every_steps with the run's Sampler on `eval.num_samples` fresh samples,
+    made images by the run's image decoder `decode`."""
 
-    def __init__(self, config):
-        self.config = config
+    def __init__(self, config, decode):
+        self.config, self.decode = config, decode
         self.instances = [cls(config.eval) for cls in selected(config)]
 
     def __call__(self, sampler, params) -> dict:
         c = self.config
         labels = sample.labels_for(c.sample, c.model.num_classes, c.eval.num_samples)
-        images = decoders.to_uint8(sampler(params, labels, jax.random.key(c.sample.seed)))
+        images = self.decode(sampler(params, labels, jax.random.key(c.sample.seed)))
         results = evaluate_images(self.instances, images, labels)
         return {f"eval/{k}": v for k, v in results.items()}
 
@@ -53,6 +54,7 @@ def evaluate_mode(config, workdir: str) -> dict:
     Writes WORKDIR/eval/<name>.json and returns the metrics.
     """
     config_lib.validate(config, jax.device_count(), mode="evaluate")
+    files.check_writable_dir(str(_results_dir(workdir)), "the results directory")
     e = config.eval
     classes = selected(config)
     if e.samples:
@@ -70,10 +72,14 @@ def evaluate_mode(config, workdir: str) -> dict:
     return results
 
 
+def _results_dir(workdir: str):
+    return files.resolve(workdir) / "eval"
+
+
 def _write_results(workdir: str, name: str, results: dict) -> None:
     logging.info("Evaluation of %s: %s", name, results)
     if jax.process_index() == 0:
-        out_dir = files.resolve(workdir) / "eval"
+        out_dir = _results_dir(workdir)
         out_dir.mkdir(parents=True, exist_ok=True)
         text = json.dumps(results, indent=2, sort_keys=True) + "\n"
         files.write_atomically(str(out_dir / f"{name}.json"), text.encode())

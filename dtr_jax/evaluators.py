@@ -20,7 +20,7 @@ import numpy as np
 
 from dtr_jax import digits_eval, metrics
 from dtr_jax.data.sources import SOURCES
-from dtr_jax.errors import ConfigError
+from dtr_jax.errors import ConfigError, InputFileError
 from dtr_jax.models import inception
 from dtr_jax.registry import Registry
 
@@ -85,12 +85,12 @@ def npz_keys_and_shapes(path: str, field: str) -> dict[str, tuple[tuple, np.dtyp
                     out[info.filename[: -len(".npy")]] = (shape, dtype)
         return out
     except (zipfile.BadZipFile, ValueError, OSError) as e:
-        raise ConfigError([f"{field}={path!r} is not an .npz file ({e})"]) from None
+        raise InputFileError([f"{field}={path!r} is not an .npz file ({e})"]) from None
 
 
 def _check_images_header(path: str, field: str, shape, dtype) -> None:
     if dtype != np.uint8 or len(shape) != 4 or shape[-1] not in (1, 3):
-        raise ConfigError(
+        raise InputFileError(
             [
                 f"{field}={path!r} holds {dtype} of shape {shape}: expected "
                 "uint8 images (N, H, W, 1 or 3)"
@@ -102,7 +102,7 @@ def load_images(path: str, field: str) -> tuple[np.ndarray, np.ndarray | None]:
     """(uint8 NHWC images, labels or None) from an .npz; `field` names it in errors."""
     header = npz_keys_and_shapes(path, field)
     if "arr_0" not in header:
-        raise ConfigError([f"{field}={path!r} has no arr_0 (uint8 NHWC images)"])
+        raise InputFileError([f"{field}={path!r} has no arr_0 (uint8 NHWC images)"])
     _check_images_header(path, field, *header["arr_0"])
     with np.load(path) as data:
         return data["arr_0"], data["arr_1"] if "arr_1" in data else None
@@ -118,7 +118,7 @@ def load_reference(path: str) -> dict:
     if "arr_0" in header:
         ref["images"] = load_images(path, field)[0]
     if not ref:
-        raise ConfigError([f"{field}={path!r} has neither arr_0 (images) nor mu and sigma"])
+        raise InputFileError([f"{field}={path!r} has neither arr_0 (images) nor mu and sigma"])
     return ref
 
 
@@ -192,6 +192,9 @@ class InceptionMetrics(Evaluator):
             variables = inception.load_pytorch_fid_weights(e.inception_weights)
         except FileNotFoundError as err:
             raise ConfigError([f"eval.inception_weights: {err}"]) from None
+        except Exception as err:  # unreadable, or not the FID Inception weights
+            field = f"eval.inception_weights={e.inception_weights!r}"
+            raise InputFileError([f"{field}: {type(err).__name__}: {err}"]) from None
         # ADM's evaluator takes IS from softmax(pool @ W) without the fc bias: do the same.
         self._features = inception.make_feature_fn(variables, fc_bias=False)
         self.batch_size = e.batch_size

@@ -1,14 +1,19 @@
 """Export of trained params for inference, and the public loader.
 
-An export is a directory of three files that together rebuild the model with no
-workdir and no training config:
+An export is a directory: three files that together rebuild the model with no workdir
+and no training config, and the same params for PyTorch code:
 
   model.json         what to build: architecture, routing, diffusion, sampling defaults
   model.safetensors  the params, flat keys joined by '.' (`blocks_0.attn.qkv.kernel`),
                      float32, plus the (G, T, C) uint8 routing tables as `routing.tables`
   model.msgpack      the same params as a `flax.serialization` tree
+  pytorch_model.safetensors, pytorch_model.pt
+                     the official DiT / DTR release state dict (`dtr_jax.interop`):
+                     `load_state_dict(strict=True)` of a model of that layout takes it;
+                     the .pt only where torch is installed
 
-`load(path)` returns an `Exported` with `apply` (the routed forward) and `sample`.
+`load(path)` returns an `Exported` with `apply` (the routed forward) and `sample`;
+`from_pytorch(config)` does the same for the PyTorch file `config.init_from`.
 An export is written into a temporary sibling directory and swapped into place,
 so a failed or interrupted write never corrupts the previous export.
 """
@@ -16,6 +21,7 @@ so a failed or interrupted write never corrupts the previous export.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -37,8 +43,9 @@ from safetensors import numpy as st_numpy
 
 import dtr_jax
 from dtr_jax import config as config_lib
-from dtr_jax import files, inference, routing, sharding
+from dtr_jax import files, inference, interop, routing, sharding
 from dtr_jax.diffusion import GaussianDiffusion, sampling_problems
+from dtr_jax.errors import ConfigError
 from dtr_jax.models import DiT
 
 FORMAT = "dtr_jax.export"
@@ -46,7 +53,9 @@ FORMAT_VERSION = 1
 JSON = "model.json"
 SAFETENSORS = "model.safetensors"
 MSGPACK = "model.msgpack"
-TABLES_KEY = "routing.tables"
+TORCH_SAFETENSORS = "pytorch_model.safetensors"
+TORCH_PT = "pytorch_model.pt"
+TABLES_KEY = interop.EXPORT_TABLES_KEY  # the routing tables in model.safetensors
 CUSTOM = "custom"  # routing kind of tables that exist only in the export (no spec rebuilds them)
 
 
@@ -85,17 +94,10 @@ def _flatten(tree) -> dict:
 
 def _check_params(flat: dict, expected: dict[str, tuple], what: str, where: str) -> None:
     """Raises ValueError naming the first key whose presence or shape differs."""
-    for key in sorted(set(flat) | set(expected)):
-        if key not in flat:
-            problem = "is missing"
-        elif key not in expected:
-            problem = "is not a parameter of this architecture"
-        elif tuple(np.shape(flat[key])) != tuple(expected[key]):
-            problem = f"has shape {tuple(np.shape(flat[key]))}, expected {tuple(expected[key])}"
-        else:
-            continue
+    mismatch = interop.first_mismatch({k: np.shape(v) for k, v in flat.items()}, expected)
+    if mismatch:
         raise ValueError(
-            f"{what} do not match the architecture {where}: first mismatch: {key!r} {problem}"
+            f"{what} do not match the architecture {where}: first mismatch: {mismatch}"
         )
 
 
@@ -138,6 +140,7 @@ def export(params, config, out_dir: str, tables=None, step: int | None = None) -
         MSGPACK: lambda: flax.serialization.to_bytes(tree),
         SAFETENSORS: lambda: st_numpy.save(flat, metadata={"format": FORMAT}),
         JSON: lambda: (json.dumps(spec, indent=2, sort_keys=True) + "\n").encode(),
+        **_torch_contents(tree, dm.model, tables),
     }
     if jax.process_index() == 0:
         write = _write_remote if files.is_remote(out_dir) else _write_local
@@ -145,6 +148,18 @@ def export(params, config, out_dir: str, tables=None, step: int | None = None) -
         logging.info("Exported %s params (step %s) to %s", spec["params"], step, out_dir)
     sharding.sync_hosts("dtr_jax.export")
     return out_dir
+
+
+def _torch_contents(tree, model: DiT, tables) -> dict[str, Callable[[], bytes]]:
+    """The official-layout state dict as .safetensors, and as .pt where torch is installed
+    (made once, when first written)."""
+    state_dict = functools.cache(lambda: interop.params_to_torch(tree, model, tables))
+    contents = {TORCH_SAFETENSORS: lambda: interop.serialize(state_dict(), ".safetensors")}
+    if interop.torch_available():
+        contents[TORCH_PT] = lambda: interop.serialize(state_dict(), ".pt")
+    elif jax.process_index() == 0:
+        logging.info("torch is not installed: %s only, no %s", TORCH_SAFETENSORS, TORCH_PT)
+    return contents
 
 
 def _host(params):
@@ -188,9 +203,11 @@ def _check_replaceable(out: str) -> None:
     if not os.path.lexists(out):
         return
     if not os.path.isdir(out) or (os.listdir(out) and not os.path.isfile(f"{out}/{JSON}")):
-        raise ValueError(
-            f"refusing to write an export to {out}: it exists and is not a dtr_jax export "
-            f"(no {JSON}); choose another export.dir"
+        raise ConfigError(
+            [
+                f"export.dir: refusing to write an export to {out}: it exists and is not a "
+                f"dtr_jax export (no {JSON}); choose another export.dir"
+            ]
         )
 
 
@@ -222,12 +239,17 @@ def _write_remote(out_dir: str, contents: dict[str, Callable[[], bytes]]) -> Non
 
 
 def export_mode(config, workdir: str) -> str:
-    """--mode export: WORKDIR's latest EMA (or raw) params -> export.dir (or WORKDIR/export)."""
+    """--mode export: WORKDIR's latest EMA (or raw) params (or those of `init_from`, if
+    WORKDIR has no checkpoint) -> export.dir (or WORKDIR/export)."""
     config_lib.validate(config, jax.device_count(), mode="export")
+    out_dir = config.export.dir or str(files.resolve(workdir) / "export")
+    if not files.is_remote(out_dir):  # refused before anything is read or compiled
+        out = os.path.abspath(out_dir)
+        files.check_writable_dir(os.path.dirname(out), "the export directory's parent")
+        _check_replaceable(out)
     mesh = sharding.make_mesh(config.mesh)
     use_ema = bool(config.export.use_ema)
     dm, params, step = inference.restore_params(config, workdir, mesh, use_ema=use_ema)
-    out_dir = config.export.dir or str(files.resolve(workdir) / "export")
     return export(sharding.host_gather(params), config, out_dir, tables=dm.tables, step=step)
 
 
@@ -295,6 +317,17 @@ class Exported:
         if "tables" not in self._cache:
             self._cache["tables"] = jnp.asarray(self.tables)
         return self._cache["tables"]
+
+
+def from_pytorch(config, use_ema: bool = True) -> Exported:
+    """The official-layout PyTorch file `config.init_from` as an `Exported` (apply,
+    sample), for `config`'s model; checked as `--mode export` checks it."""
+    if not config.init_from:
+        raise config_lib.ConfigError(["init_from='' must name the PyTorch file to load"])
+    config_lib.validate(config, jax.device_count(), mode="export")
+    mesh = sharding.make_mesh(config.mesh)
+    dm, params, step = inference.imported_params(config, mesh, use_ema)
+    return Exported(dm, params, spec_from_config(config, step, use_ema))
 
 
 def load(path: str, dtype: str = "float32") -> Exported:
@@ -402,4 +435,4 @@ def _final_tables(spec, rebuilt, stored, json_path, params_path) -> np.ndarray |
     return stored
 
 
-__all__ = ["Exported", "export", "export_mode", "load", "spec_from_config"]
+__all__ = ["Exported", "export", "export_mode", "from_pytorch", "load", "spec_from_config"]

@@ -1,4 +1,5 @@
-"""Paths and atomic writes, local or on object stores (gs://, s3:// via etils.epath)."""
+"""Paths, atomic writes and writability checks, local or on object stores (gs://, s3://
+via etils.epath)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import contextlib
 import os
 
 from etils import epath
+
+from dtr_jax.errors import WorkdirError
 
 
 def is_remote(path: str) -> bool:
@@ -36,3 +39,27 @@ def open_atomically(path: str):
 def write_atomically(path: str, data: bytes) -> None:
     with open_atomically(path) as f:
         f.write(data)
+
+
+def check_writable_dir(path: str, what: str) -> None:
+    """Raises WorkdirError unless `path` is (or can be created as) a directory we can write
+    in: checked by creating and removing a file in it, or in its nearest existing ancestor,
+    which also catches read-only mounts. `what` names it for the user ('--workdir',
+    'export.dir'). Remote paths are not probed."""
+    if is_remote(path):
+        return
+    full = os.path.abspath(path)
+    if os.path.exists(full) and not os.path.isdir(full):
+        raise WorkdirError([f"{what} {path} is a file, not a directory"])
+    existing = full
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise WorkdirError([f"{what} {path} cannot be created: {existing} is a file"])
+    probe = os.path.join(existing, f".dtr_jax-write-probe-{os.getpid()}")
+    try:
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise WorkdirError([f"{what} {path} is not writable ({existing}: {e.strerror})"]) from None

@@ -4,7 +4,8 @@
 model.json); `from_config` from a run config. `sample_fn` is the pure sampler
 (respaced DDPM/DDIM with classifier-free guidance) that `sample` shards and
 `export` jits. `restore_params` reads the EMA (or raw) params of a workdir's
-latest checkpoint, without building the optimizer.
+latest checkpoint, without building the optimizer, or those of `init_from` (an
+official-layout PyTorch file) where the workdir has none.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import functools
 import flax.linen as nn
 import jax
 import numpy as np
+from absl import logging
 
-from dtr_jax import checkpoint, routing, sharding
+from dtr_jax import checkpoint, interop, routing, sharding
 from dtr_jax.config import model_spec, signature
 from dtr_jax.diffusion import GaussianDiffusion
 from dtr_jax.models import COMPUTE_FIELDS, DiT, create_dit
@@ -74,10 +76,13 @@ def build(spec: dict, dtype: str = "float32", **model_kwargs) -> DiffusionModel:
 
 def from_config(config) -> DiffusionModel:
     """The run's DiffusionModel, with how it computes (dtype, remat, scan, attention) and
-    its label dropout."""
+    its label dropout; routing kind 'file' reads its tables from `model.routing.path`."""
     m = config.model
     computes = {f: m[f] for f in COMPUTE_FIELDS}
-    return build(model_spec(config), m.dtype, class_dropout_prob=m.class_dropout_prob, **computes)
+    dm = build(model_spec(config), m.dtype, class_dropout_prob=m.class_dropout_prob, **computes)
+    if m.routing.kind == routing.FILE:
+        dm = dataclasses.replace(dm, tables=interop.read_tables(m.routing.path))
+    return dm
 
 
 def model_fn(model: DiT, params, labels, tables, cfg_scale: float):
@@ -109,15 +114,46 @@ def sample_fn(dm: DiffusionModel, s):
 
 
 def restore_params(config, workdir: str, mesh, use_ema: bool = True):
-    """(DiffusionModel, params sharded on `mesh`, step) from WORKDIR's latest checkpoint,
-    which must be of this config's model. Reads only the EMA (or raw) params."""
-    step = checkpoint.require_checkpoint(workdir, signature(config))
+    """(DiffusionModel, params sharded on `mesh`, step) from WORKDIR's newest valid
+    checkpoint, which must be of this config's model (`checkpoint.Checkpoints` verifies
+    it and falls back to older ones). Reads only the EMA (or raw) params. A workdir
+    without checkpoints reads those of `init_from` if set (`imported_params`)."""
+    if config.init_from and not _has_checkpoint(workdir):
+        return imported_params(config, mesh, use_ema)
+    checkpoint.require_checkpoint(workdir, signature(config))
     dm = from_config(config)
     abstract, shardings = dm.param_layout(mesh)
     target = checkpoint.restore_target(abstract, shardings)
     ckpt = checkpoint.Checkpoints(workdir, read_only=True)
     try:
-        params = ckpt.restore_params(target, "ema_params" if use_ema else "params", step)
+        params, step = ckpt.restore_params(target, "ema_params" if use_ema else "params")
     finally:
         ckpt.close()
     return dm, params, step
+
+
+def _has_checkpoint(workdir: str) -> bool:
+    if not checkpoint.checkpoint_dir(workdir).is_dir():
+        return False
+    ckpt = checkpoint.Checkpoints(workdir, read_only=True)
+    try:
+        return ckpt.latest_step() is not None
+    finally:
+        ckpt.close()
+
+
+def imported_params(config, mesh, use_ema: bool = True):
+    """(DiffusionModel, params sharded on `mesh`, step) from `config.init_from`, an
+    official-layout PyTorch file that `config.validate` found to hold this model; step is
+    its optimizer's step count, 0 if it has none."""
+    dm = from_config(config)
+    ckpt = interop.open_checkpoint(config.init_from)
+    _, shardings = dm.param_layout(mesh)
+    params = sharding.from_host(ckpt.params(ema=use_ema), shardings)
+    logging.info(
+        "Read the %s params of %s: %s",
+        "EMA" if use_ema else "raw",
+        config.init_from,
+        ckpt.summary(alphas=(4.0, config.model.routing.alpha)),
+    )
+    return dm, params, ckpt.step or 0

@@ -1,14 +1,18 @@
-"""What each --mode does (a function of config and workdir), and the per-process set-up
-that the command lines (dtr_jax.main, dtr_jax.study) share."""
+"""What each --mode does (a function of config and workdir), and what the command lines
+(dtr_jax.main, dtr_jax.study) share: flag parsing, error reporting, process set-up."""
 
 from __future__ import annotations
 
+import contextlib
 import logging as std_logging
 import os
+import sys
+import traceback
 
-from absl import logging
+from absl import flags, logging
 
 from dtr_jax import config as config_lib
+from dtr_jax.errors import ConfigError, DtrError
 
 MODES = config_lib.MODES
 
@@ -30,14 +34,68 @@ def run(mode: str, config, workdir: str):
     return fn(config, workdir)
 
 
-def setup_process() -> None:
-    """Quiet library logs, join the other processes of a multi-host job, and keep
-    TensorFlow (clu's summaries, tfds) off the accelerators. Call before any TF import."""
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing (for `app.run`), with every command-line mistake reported as
+    one ConfigError: unknown `--config.` fields get the closest field names."""
+    try:
+        rest = flags.FLAGS(argv)
+        config = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
+        if config is not None:
+            config.keys()  # a config file that failed to load raises only when used
+        return rest
+    except Exception as e:  # any parse failure is the user's to fix
+        fail(ConfigError(_unknown_overrides(argv) or [_flag_error(e)]))
+
+
+def _flag_error(error: Exception) -> str:
+    text = str(error).strip()
+    if "config file" in text or "earlier failure to load" in text:
+        return f"--config cannot be loaded: {text.splitlines()[-1].strip()}"
+    return text
+
+
+def _unknown_overrides(argv: list[str]) -> list[str]:
+    """Problems of `--config.<name>` overrides that name no field of the --config file."""
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if path is None and "--config" in argv[:-1]:
+        path = argv[argv.index("--config") + 1]
+    names = [a[len("--config.") :].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+    if not path or not names:
+        return []
+    try:
+        config = config_lib.load_config(path)
+    except Exception:  # the config file itself is at fault: absl's message says how
+        return []
+    return config_lib.unknown_field_problems(config, names)
+
+
+@contextlib.contextmanager
+def reporting(verbose: bool = False):
+    """Anticipated failures (DtrError) end as one `dtr_jax: ...` line on stderr and the
+    error's exit code; `verbose` prints the traceback first. Bugs propagate."""
+    try:
+        yield
+    except DtrError as e:
+        if verbose:
+            traceback.print_exc()
+        fail(e)
+
+
+def fail(error: DtrError):
+    print(f"dtr_jax: {error}", file=sys.stderr)
+    sys.exit(error.exit_code)
+
+
+def setup_process(verbose: bool = False) -> None:
+    """Quiet library logs (`verbose` keeps their tracebacks), join the other processes of
+    a multi-host job, and keep TensorFlow (clu's summaries, tfds) off the accelerators.
+    Call before any TF import."""
     # TF only writes summaries and reads data here: keep its import quiet (INFO logs, and
     # the oneDNN notice that TF_CPP_MIN_LOG_LEVEL does not silence).
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-    logging.get_absl_handler().addFilter(_LibraryInfoFilter())
+    logging.get_absl_handler().addFilter(_LibraryInfoFilter(verbose))
+    sys.unraisablehook = _ClosedLoopFilter(sys.unraisablehook)
     import jax
 
     if _multi_process():
@@ -69,15 +127,39 @@ def _multi_process() -> bool:
 class _LibraryInfoFilter(std_logging.Filter):
     """Drops library INFO chatter (orbax logs dozens of lines per save); keeps warnings,
     except orbax's notice that a read-only mode (sample, evaluate, export) opened the
-    checkpoints read-only, which is intended."""
+    checkpoints read-only, which is intended. Orbax's errors keep their one line but not
+    their traceback unless `verbose`: a failed save or read is reported by dtr_jax itself
+    (`checkpoint.CheckpointError`), with what it means for the run."""
 
     NOISY = ("/orbax/", "xla_bridge.py")
 
+    def __init__(self, verbose: bool):
+        super().__init__()
+        self.verbose = verbose
+
     def filter(self, record):
-        if "/orbax/" in record.pathname and record.getMessage().startswith(
-            "Given directory is read only"
-        ):
+        from_orbax = "/orbax/" in record.pathname
+        if from_orbax and record.getMessage().startswith("Given directory is read only"):
             return False
+        if from_orbax and record.exc_info and not self.verbose:
+            record.msg = f"{record.getMessage()} ({record.exc_info[1]!r})"
+            record.args, record.exc_info, record.exc_text = (), None, None
         return record.levelno >= std_logging.WARNING or not any(
             part in record.pathname for part in self.NOISY
         )
+
+
+class _ClosedLoopFilter:
+    """An unraisable-exception hook that logs, instead of printing with a traceback, the
+    `RuntimeError: Event loop is closed` that Orbax's reader threads raise after a failed
+    restore (a checkpoint found damaged, then skipped): the failure is already reported."""
+
+    def __init__(self, hook):
+        self.hook = hook
+
+    def __call__(self, unraisable):
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and "Event loop is closed" in str(error):
+            logging.info("Ignored after a failed checkpoint read: %s", error)
+        else:
+            self.hook(unraisable)

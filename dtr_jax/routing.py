@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import numpy as np
 
-KINDS = ("none", "dtr", "random")
+KINDS = ("none", "dtr", "random")  # tables computed from (beta, alpha, seed)
+FILE = "file"  # tables read from a file (config `model.routing.path`, see dtr_jax.interop)
 
 
 def problems(
     kind: str, beta: float, alpha: float, channels: int | None = None, num_tasks: int | None = None
 ) -> list[str]:
     """Problems with routing arguments, each naming its argument ([] if all is well).
-    `channels` and `num_tasks` are checked when given."""
-    out = [] if kind in KINDS else [f"kind={kind!r} is unknown: allowed {list(KINDS)}"]
+    `channels` and `num_tasks` are checked when given. Kind 'file' is allowed (its
+    tables are read, not computed: `dtr_jax.interop.tables_problems` checks them)."""
+    allowed = [*KINDS, FILE]
+    out = [] if kind in allowed else [f"kind={kind!r} is unknown: allowed {allowed}"]
     for name, value in (("num_tasks", num_tasks), ("channels", channels)):
         if value is not None and (not isinstance(value, (int, np.integer)) or value <= 0):
             out.append(f"{name}={value!r} must be a positive integer")
@@ -38,6 +41,8 @@ def problems(
 
 def _check(kind: str, num_tasks: int, channels: int, beta: float, alpha: float) -> None:
     found = problems(kind, beta, alpha, channels, num_tasks)
+    if kind == FILE:
+        found.append(f"kind={FILE!r} tables are read from a file, not computed")
     if found:
         raise ValueError("routing " + "; ".join(found))
 

@@ -24,7 +24,7 @@ class Sampler:
     """The sampler of `dm` with settings `s` (a `sample` section), jitted once over `mesh`."""
 
     def __init__(self, dm: inference.DiffusionModel, s, mesh, params):
-        self.shards = sharding.batch_shards(mesh)
+        self.mesh = mesh
         self.batch = sharding.batch_sharding(mesh)
         rep = sharding.replicated(mesh)
 
@@ -48,10 +48,8 @@ class Sampler:
         return np.asarray(sharding.host_gather(out))[: len(labels)]
 
     def global_labels(self, labels: np.ndarray) -> jax.Array:
-        """`labels` (host numpy) padded to a multiple of the batch shards, split over them."""
-        n = -(-len(labels) // self.shards) * self.shards
-        padded = np.resize(np.asarray(labels, np.int32), n)
-        return jax.make_array_from_callback(padded.shape, self.batch, lambda i: padded[i])
+        """`labels` (host numpy) as one global array split over the batch shards."""
+        return sharding.put_batch(np.asarray(labels, np.int32), self.mesh)
 
     def lower(self, params, global_labels: jax.Array, rng):
         """The jitted sampler lowered for these arguments (the benchmark compiles it ahead
@@ -77,11 +75,12 @@ def grid(images: np.ndarray, rows: int, pad: int = 1) -> np.ndarray:
     return out
 
 
-def class_grid(sampler: Sampler, params, num_classes: int, per_class: int, seed: int):
-    """A uint8 grid of fresh samples, one row per class (the first 10 classes at most)."""
+def class_grid(sampler: Sampler, decode, params, num_classes: int, per_class: int, seed: int):
+    """A uint8 grid of fresh samples through the image decoder `decode`, one row per
+    class (the first 10 classes at most)."""
     labels = np.repeat(np.arange(min(num_classes, 10)), per_class)
-    images = sampler(params, labels, jax.random.key(seed))
-    return grid(decoders.to_uint8(images), rows=len(labels) // per_class)
+    images = decode(sampler(params, labels, jax.random.key(seed)))
+    return grid(images, rows=len(labels) // per_class)
 
 
 def save_png(path: str, image: np.ndarray, scale: int = 1) -> None:
@@ -123,8 +122,8 @@ def sample_images(config, workdir: str, num_samples: int):
     """(decoded samples, labels, checkpoint step) from WORKDIR's latest checkpoint,
     sampled in batches of `sample.batch_size` over all devices, with progress logs."""
     s = config.sample
-    decode = decoders.create(config)
     mesh = sharding.make_mesh(config.mesh)
+    decode = decoders.create(config, mesh)
     dm, params, step = inference.restore_params(config, workdir, mesh, use_ema=s.use_ema)
     labels = labels_for(s, dm.model.num_classes, num_samples)
     sampler = Sampler(dm, s, mesh, params)
@@ -145,8 +144,9 @@ def sample_mode(config, workdir: str) -> str:
     arr_1: labels) and a PNG grid of the first images; returns the .npz path.
     """
     config_lib.validate(config, jax.device_count(), mode="sample")
-    images, labels, step = sample_images(config, workdir, config.sample.num_samples)
     out_dir = files.resolve(workdir) / "samples"
+    files.check_writable_dir(str(out_dir), "the samples directory")
+    images, labels, step = sample_images(config, workdir, config.sample.num_samples)
     path = str(out_dir / f"{run_name(config, step)}.npz")
     if jax.process_index() == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -154,7 +154,8 @@ def sample_mode(config, workdir: str) -> str:
         if decoders.gives_images(config.sample.decoder):
             cols = min(10, len(images))
             rows = min(10, len(images) // cols)
-            save_png(path[: -len(".npz")] + ".png", grid(images[: rows * cols], rows), scale=4)
+            scale = max(1, 32 // images.shape[1])  # small images (digits) drawn 4x
+            save_png(path[: -len(".npz")] + ".png", grid(images[: rows * cols], rows), scale)
         logging.info("Wrote %d samples to %s", len(images), path)
     return path
 

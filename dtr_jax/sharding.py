@@ -104,6 +104,15 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH))
 
 
+def put_batch(x: np.ndarray, mesh: Mesh) -> jax.Array:
+    """A host array (the same on every host) as one global array split over the batch
+    shards, its rows repeated cyclically up to a multiple of the shards: slice what the
+    computation gives back to len(x)."""
+    shards = batch_shards(mesh)
+    padded = np.resize(x, (-(-len(x) // shards) * shards, *np.shape(x)[1:]))
+    return jax.make_array_from_callback(padded.shape, batch_sharding(mesh), lambda i: padded[i])
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
@@ -131,11 +140,32 @@ def logical_shardings(boxed_tree, mesh: Mesh, rules=RULES):
     return jax.tree.map(to_sharding, mesh_specs, unboxed, is_leaf=lambda x: isinstance(x, P))
 
 
+def from_host(tree, shardings):
+    """Host values (numpy, the same on every host) as global arrays laid out as
+    `shardings`: each host places only its own shards, with no cross-host transfer or
+    check. Leaves that already are jax Arrays are kept as they are."""
+
+    def place(x, s):
+        if isinstance(x, jax.Array):
+            return x
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
+
+    return jax.tree.map(place, tree, shardings)
+
+
 def host_gather(tree):
     """Brings a (possibly multi-host, sharded) pytree to every host as numpy."""
     if jax.process_count() == 1:
         return jax.device_get(tree)
     return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def all_hosts_agree(ok: bool) -> bool:
+    """True only if `ok` holds on every process (a collective with several processes)."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
 
 
 def sync_hosts(name: str) -> None:

@@ -2,7 +2,8 @@
 
 `create_setup(config)` gathers what the step computes with (model, routing tables,
 diffusion, optimizers, timestep clusters); `create_state` initialises the state
-straight into its shardings; `jit_train_step` is one `jax.jit` over a
+straight into its shardings (or imports it from `init_from`, a PyTorch file);
+`jit_train_step` is one `jax.jit` over a
 (data, fsdp) mesh with the state donated. Needs jax, flax, optax and the config:
 no TensorFlow, clu or grain (the loop around it, `dtr_jax.train`, adds those).
 """
@@ -20,8 +21,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
 
-from dtr_jax import inference, optimizer, sharding, weighting
+from dtr_jax import inference, interop, optimizer, sharding, weighting
 
 
 @flax.struct.dataclass
@@ -88,10 +90,60 @@ def state_layout(setup: TrainSetup, mesh) -> tuple[TrainState, TrainState]:
 
 
 def create_state(setup: TrainSetup, mesh, shardings) -> TrainState:
-    """Initialises the state directly into its shardings (no host copy)."""
+    """The state a new run starts from, initialised directly into its shardings (no host
+    copy); with `init_from`, its params, EMA, and AdamW and UW state where the file has
+    them, replace the fresh ones (`import_state`)."""
     init = jax.jit(lambda rng: nn.unbox(init_state(setup, rng)), out_shardings=shardings)
     with sharding.mesh_context(mesh):
-        return init(jax.random.key(setup.config.seed))
+        state = init(jax.random.key(setup.config.seed))
+    return import_state(setup, state, shardings) if setup.config.init_from else state
+
+
+def import_state(setup: TrainSetup, state: TrainState, shardings) -> TrainState:
+    """`state` with what `init_from` holds: params and EMA params (a single set of weights
+    is both), the AdamW moments and step count (fine-tuning continues them; the learning
+    rate schedule and the run's step start at 0), the UW log-variances and their moments.
+    The rest stays fresh; the log says which parts came from the file."""
+    cfg, put = setup.config, sharding.from_host
+    ckpt = interop.open_checkpoint(cfg.init_from)
+    state = state.replace(
+        params=put(ckpt.params(ema=False), shardings.params),
+        ema_params=put(ckpt.params(ema=True), shardings.ema_params),
+    )
+    one = ckpt.state_dicts["ema"] is ckpt.state_dicts["model"]
+    imported = ["params and EMA params (one set of weights)" if one else "params, EMA params"]
+    fresh, unused = [], []
+    adam, uw_adam = ckpt.adam()
+    if adam is None:
+        fresh.append("AdamW state")
+    else:
+        state = state.replace(
+            opt_state=put(interop.with_adam(state.opt_state, adam), shardings.opt_state)
+        )
+        imported.append(f"AdamW moments at step {adam.count} (there: {adam.settings})")
+    log_vars = ckpt.uw_log_vars()
+    if not setup.uses_uw:
+        unused += [] if log_vars is None else ["UW log-variances (weighting.kind is not 'uw')"]
+    elif log_vars is None:
+        fresh.append("UW log-variances and their AdamW state")
+    else:
+        state = state.replace(uw_log_vars=put(log_vars, shardings.uw_log_vars))
+        imported.append("UW log-variances")
+        if uw_adam is None:
+            fresh.append("the UW AdamW state")
+        else:
+            uw_opt = interop.with_adam(state.uw_opt_state, uw_adam)
+            state = state.replace(uw_opt_state=put(uw_opt, shardings.uw_opt_state))
+            imported.append("their AdamW moments")
+    logging.info(
+        "Starting from %s, a %s. Imported: %s. Fresh: %s. Not used: %s.",
+        cfg.init_from,
+        ckpt.summary(alphas=(4.0, cfg.model.routing.alpha)),
+        ", ".join(imported),
+        ", ".join(fresh) or "nothing",
+        ", ".join(unused) or "nothing",
+    )
+    return state
 
 
 def train_step(setup: TrainSetup, state: TrainState, batch: dict, tables):

@@ -70,21 +70,31 @@ def table(results: dict, kinds, cfg_scales, seeds) -> str:
 
 def main(argv):
     del argv
-    modes.setup_process()
-    seeds = [int(s) for s in FLAGS.seeds]
-    scales = [float(s) for s in FLAGS.cfg_scales]
+    with modes.reporting():
+        modes.setup_process()
+        study(
+            FLAGS.config,
+            FLAGS.workdir,
+            FLAGS.kinds,
+            [int(s) for s in FLAGS.seeds],
+            [float(s) for s in FLAGS.cfg_scales],
+        )
+
+
+def study(config, workdir: str, kinds, seeds, scales) -> str:
+    """Runs (or reads back) every (kind, seed) run; writes and returns the results table."""
     results = {}
-    for kind in FLAGS.kinds:
+    for kind in kinds:
         for seed in seeds:
-            results[f"{kind}_seed{seed}"] = run_one(FLAGS.config, FLAGS.workdir, kind, seed, scales)
+            results[f"{kind}_seed{seed}"] = run_one(config, workdir, kind, seed, scales)
             logging.info("%s seed %d: %s", kind, seed, results[f"{kind}_seed{seed}"])
-    markdown = table(results, FLAGS.kinds, scales, seeds)
-    out = FLAGS.workdir
+    markdown = table(results, kinds, scales, seeds)
     text = json.dumps(results, indent=2, sort_keys=True)
-    files.write_atomically(os.path.join(out, "results.json"), text.encode())
-    files.write_atomically(os.path.join(out, "results.md"), markdown.encode())
+    files.write_atomically(os.path.join(workdir, "results.json"), text.encode())
+    files.write_atomically(os.path.join(workdir, "results.md"), markdown.encode())
     print(markdown)
+    return markdown
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=modes.parse_flags)

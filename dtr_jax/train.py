@@ -21,11 +21,12 @@ import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from dtr_jax import checkpoint, decoders, evaluate, files, plots, sample, sharding
+from dtr_jax import checkpoint, decoders, evaluate, files, lock, plots, routing, sample, sharding
 from dtr_jax import config as config_lib
 from dtr_jax import step as step_lib
 from dtr_jax.data import get_source
 from dtr_jax.data.pipeline import device_batches
+from dtr_jax.errors import TrainingDiverged
 from dtr_jax.step import TrainSetup, TrainState
 
 
@@ -49,14 +50,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     setup = step_lib.create_setup(config)
     mesh = sharding.make_mesh(config.mesh, devices)
     c = config.checkpoint
-    ckpt = checkpoint.Checkpoints(workdir, max_to_keep=c.max_to_keep, async_save=c.async_save)
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-    try:
-        return _train(setup, mesh, ckpt, writer, workdir)
-    finally:
-        ckpt.wait()
-        ckpt.close()
-        writer.flush()
+    with lock.WorkdirLock(workdir, c.lock_lease_secs):
+        ckpt = checkpoint.Checkpoints(
+            workdir, max_to_keep=c.max_to_keep, async_save=c.async_save, owner=True
+        )
+        writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+        try:
+            state = _train(setup, mesh, ckpt, writer, workdir)
+            ckpt.wait()  # the last save is committed before the run reports success
+            return state
+        finally:
+            ckpt.close()
+            writer.flush()
 
 
 def _train(setup: TrainSetup, mesh, ckpt, writer, workdir: str) -> TrainState:
@@ -69,9 +74,10 @@ def _train(setup: TrainSetup, mesh, ckpt, writer, workdir: str) -> TrainState:
     tables = None if setup.dm.tables is None else jax.device_put(setup.dm.tables, rep)
     batches = device_batches(get_source(cfg), cfg, sharding.batch_sharding(mesh), start)
     sampler = _SamplerCache(setup, mesh)
+    decode = decoders.create(cfg, mesh)  # loads a VAE once, before the first step
     log = MetricsLog(writer, setup, start, last_good=ckpt.latest_step)
     saver = Checkpointing(ckpt, cfg, log)
-    actions = [log, *_sampling_actions(setup, sampler, writer), saver]
+    actions = [log, *_sampling_actions(setup, sampler, decode, writer), saver]
     actions += _clu_hooks(cfg, writer, workdir, start)
     with sharding.mesh_context(mesh), Preemption(ckpt) as preempted:
         for step in range(start + 1, cfg.num_train_steps + 1):
@@ -86,18 +92,21 @@ def _train(setup: TrainSetup, mesh, ckpt, writer, workdir: str) -> TrainState:
                 saver.save(step, state, force=True)
                 logging.warning("Stopped at step %d after SIGTERM; checkpoint saved.", step)
                 return state
-        _final_outputs(setup, state, sampler, log, workdir)
+        _final_outputs(setup, state, sampler, decode, log, workdir)
     return state
 
 
 def _restore_or_create(setup, mesh, abstract, shardings, ckpt, writer, workdir) -> TrainState:
     if ckpt.latest_step() is not None:
-        logging.info("Resuming from %s at step %d", workdir, ckpt.latest_step())
-        return ckpt.restore(checkpoint.restore_target(abstract, shardings))
+        state, step = ckpt.restore(checkpoint.restore_target(abstract, shardings))
+        logging.info("Resuming from %s at step %d", workdir, step)
+        return state
     writer.write_hparams(config_lib.flat_fields(setup.config))
     if setup.dm.tables is not None and jax.process_index() == 0:
         r = setup.config.model.routing
         title = f"routing {r.kind}, beta {r.beta:g}, alpha {r.alpha:g}"
+        if r.kind == routing.FILE:
+            title = f"routing tables of {files.resolve(r.path).name}"
         plots.routing_tables(setup.dm.tables, str(files.resolve(workdir) / "routing.png"), title)
     return step_lib.create_state(setup, mesh, shardings)
 
@@ -136,11 +145,11 @@ class MetricsLog:
         self.pending, self.tick = [], (step, now)
 
     def check_finite(self, step: int) -> dict:
-        """The summary of the pending metrics; raises FloatingPointError if the loss is
+        """The summary of the pending metrics; raises TrainingDiverged if the loss is
         not finite (the run stops without saving: the last good checkpoint stays)."""
         summary = step_lib.summarize(self.pending, self.boundaries) if self.pending else {}
         if not np.isfinite(summary.get("loss", 0.0)):
-            raise FloatingPointError(
+            raise TrainingDiverged(
                 f"loss is {summary['loss']} at step {step}: stopping without saving; the last "
                 f"good checkpoint is step {self.last_good()}"
             )
@@ -158,6 +167,7 @@ class Checkpointing:
         self.saved = None
 
     def __call__(self, step: int, state: TrainState) -> None:
+        self.ckpt.poll()  # commits a finished save as soon as possible
         if due(step, self.every, self.last):
             self.save(step, state)
 
@@ -192,17 +202,18 @@ class _SamplerCache:
         return self._sampler
 
 
-def _sampling_actions(setup: TrainSetup, sampler: _SamplerCache, writer) -> list[Every]:
+def _sampling_actions(setup: TrainSetup, sampler: _SamplerCache, decode, writer) -> list[Every]:
     cfg = setup.config
     actions = []
-    if cfg.sample_every_steps and decoders.gives_images(cfg.sample.decoder):
+    if cfg.sample_every_steps and decode.gives_images:
 
         def write_grid(step, state):
-            writer.write_images(step, {"samples": _class_grid(setup, sampler, state)[None]})
+            grid = _class_grid(setup, sampler, decode, state)
+            writer.write_images(step, {"samples": grid[None]})
 
         actions.append(Every(cfg.sample_every_steps, cfg.num_train_steps, write_grid))
     if cfg.eval_every_steps:
-        evaluation = evaluate.InLoopEvaluation(cfg)
+        evaluation = evaluate.InLoopEvaluation(cfg, decode)
 
         def write_metrics(step, state):
             params = state.ema_params
@@ -272,26 +283,24 @@ class Preemption:
 # --- the end of a run -----------------------------------------------------------------------
 
 
-def _class_grid(setup: TrainSetup, sampler: _SamplerCache, state: TrainState) -> np.ndarray:
+def _class_grid(setup: TrainSetup, sampler: _SamplerCache, decode, state) -> np.ndarray:
     s, params = setup.config.sample, state.ema_params
-    return sample.class_grid(
-        sampler(params), params, setup.dm.model.num_classes, s.grid_per_class, s.seed
-    )
+    num_classes = setup.dm.model.num_classes
+    return sample.class_grid(sampler(params), decode, params, num_classes, s.grid_per_class, s.seed)
 
 
-def _final_outputs(setup: TrainSetup, state: TrainState, sampler, log: MetricsLog, workdir):
+def _final_outputs(setup: TrainSetup, state, sampler, decode, log: MetricsLog, workdir):
     """The trained EMA params (msgpack), a PNG grid of samples with a row per class (if the
     decoder gives images) and the plot of the loss per timestep interval."""
     out = files.resolve(workdir)
     params_path = str(out / "ema_params.msgpack")
     save_params(sharding.host_gather(state.ema_params), params_path)
     logging.info("Wrote %s", params_path)
-    gives_images = decoders.gives_images(setup.config.sample.decoder)
-    image = _class_grid(setup, sampler, state) if gives_images else None
+    image = _class_grid(setup, sampler, decode, state) if decode.gives_images else None
     if jax.process_index() > 0:
         return
     if image is not None:
-        scale = max(1, 128 // setup.dm.model.input_size)
+        scale = max(1, 128 // (setup.dm.model.input_size * decode.upscale))
         sample.save_png(str(out / "samples.png"), image, scale=scale)
     if log.cluster_loss:
         title = f"step {int(jax.device_get(state.step))}, mean over the last log interval"

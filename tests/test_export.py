@@ -12,9 +12,15 @@ from safetensors import numpy as st_numpy
 
 import helpers
 from dtr_jax import export, inference, routing, sharding, train
-from dtr_jax.config import ConfigError
+from dtr_jax.errors import CheckpointError
 
-FILES = ("model.json", "model.msgpack", "model.safetensors")
+FILES = (
+    "model.json",
+    "model.msgpack",
+    "model.safetensors",
+    "pytorch_model.pt",
+    "pytorch_model.safetensors",
+)
 
 
 def tiny(**overrides):
@@ -261,6 +267,6 @@ def test_inconsistent_exports_are_refused(
 
 
 def test_export_mode_without_checkpoint_raises(tmp_path):
-    with pytest.raises(ConfigError, match="no checkpoint"):
+    with pytest.raises(CheckpointError, match="no committed checkpoint"):
         export.export_mode(tiny(), str(tmp_path))
     assert os.listdir(tmp_path) == []

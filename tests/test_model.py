@@ -3,7 +3,7 @@
 The core check is against a small PyTorch DiT written from SPEC §2-3 (tests/torch_reference.py:
 timm-style attention, adaLN-Zero blocks, the PyTorch release's module names), loaded with
 the same RANDOM non-zero weights as the Flax model.
-`torch_to_flax` is the PyTorch -> Flax name mapping a checkpoint importer uses.
+The PyTorch -> Flax name mapping is the package's own (`dtr_jax.interop.params_from_torch`).
 """
 
 import flax
@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from dtr_jax.interop import params_from_torch
 from dtr_jax.models import MODEL_NAMES, REMAT_POLICIES, SIZES, create_dit
 from dtr_jax.models.dit import DiT, DiTBlock, stack_blocks, unstack_blocks
 from dtr_jax.routing import model_tables, routing_table
@@ -46,44 +47,6 @@ def check_close(name, got, want, tol=1e-5):
     return err
 
 
-def torch_to_flax(state_dict):
-    """PyTorch DiT state dict -> Flax params tree (the checkpoint name mapping).
-
-    Names: a numeric part is joined to its parent with '_' and '.' becomes a tree
-    level: 'blocks.3.attn.qkv.weight' -> blocks_3/attn/qkv/kernel,
-    't_embedder.mlp.0.bias' -> t_embedder/mlp_0/bias,
-    'blocks.0.adaLN_modulation.1.weight' -> blocks_0/adaLN_modulation_1/kernel.
-    Leaves: Linear weight (out, in) -> kernel (in, out); Conv2d weight (O, I, kh, kw)
-    -> kernel HWIO (kh, kw, I, O); Embedding weight -> embedding; bias -> bias.
-    'pos_embed' is skipped: the Flax model recomputes the fixed sin-cos table.
-    LayerNorms have no parameters (no affine).
-    """
-    params = {}
-    for name, w in state_dict.items():
-        if name == "pos_embed":
-            continue
-        w = w.detach().cpu().numpy()
-        *parents, leaf = name.split(".")
-        path = []
-        for part in parents:
-            if part.isdigit():
-                path[-1] += f"_{part}"
-            else:
-                path.append(part)
-        if leaf == "weight":
-            if path[-1] == "embedding_table":
-                leaf = "embedding"
-            elif w.ndim == 4:
-                leaf, w = "kernel", w.transpose(2, 3, 1, 0)
-            else:
-                leaf, w = "kernel", w.T
-        node = params
-        for part in path:
-            node = node.setdefault(part, {})
-        node[leaf] = jnp.asarray(w)
-    return params
-
-
 # ============================================================ fixtures
 
 
@@ -99,7 +62,7 @@ def ref():
                 std = w[0].numel() ** -0.5 if w.ndim > 1 else 0.1
                 w.copy_(torch.randn_like(w) * std)
                 assert torch.all(w != 0), name
-    params = torch_to_flax(tmodel.state_dict())
+    params = params_from_torch(tmodel.state_dict())
 
     # The mapping covers exactly the Flax tree, with the same shapes.
     real = nn.unbox(small_dit().init(jax.random.key(0), *inputs(jax_layout=True)[:3])["params"])

@@ -10,6 +10,7 @@ import pytest
 
 from dtr_jax import inference, sample, sharding, train
 from dtr_jax.config import ConfigError
+from dtr_jax.errors import CheckpointError
 from dtr_jax.modes import run
 from helpers import tiny
 
@@ -126,8 +127,8 @@ def test_every_reading_mode_validates_the_diffusion_fields(mode, tmp_path):
 
 
 def test_sample_mode_without_checkpoint_or_with_unknown_decoder(tmp_path):
-    with pytest.raises(ConfigError, match="no checkpoint"):
+    with pytest.raises(CheckpointError, match="no committed checkpoint"):
         run("sample", tiny(), str(tmp_path))
     with pytest.raises(ConfigError, match="sample.decoder"):
-        run("sample", tiny(**{"sample.decoder": "sd_vae"}), str(tmp_path))
+        run("sample", tiny(**{"sample.decoder": "taesd"}), str(tmp_path))
     assert not any(tmp_path.iterdir())

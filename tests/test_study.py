@@ -20,7 +20,7 @@ def test_study_runs_evaluates_tabulates_and_skips_finished_runs(tmp_path):
         assert 0.0 <= result["cfg1"]["digits_accuracy"] <= 1.0
         assert np.isfinite(result["cfg2"]["digits_fd"])
     for kind in ("none", "dtr"):  # each run trained with its own routing kind
-        meta = Checkpoints(str(tmp_path / f"{kind}_seed0"), read_only=True).meta()
+        _, meta = Checkpoints(str(tmp_path / f"{kind}_seed0"), read_only=True).newest_meta()
         assert meta["signature"]["routing"]["kind"] == kind
         written = json.loads((tmp_path / f"{kind}_seed0" / "study.json").read_text())
         assert written == results[f"{kind}_seed0"]

@@ -111,7 +111,7 @@ def test_uw_state_resumes_and_restores_onto_fewer_devices(tmp_path):
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:2])
     abstract, shardings = step.state_layout(setup, mesh)
     ckpt = checkpoint.Checkpoints(str(tmp_path), read_only=True)
-    restored = ckpt.restore(checkpoint.restore_target(abstract, shardings))
+    restored, _ = ckpt.restore(checkpoint.restore_target(abstract, shardings))
     assert len(restored.params["blocks_0"]["mlp"]["fc1"]["kernel"].sharding.device_set) == 2
     for a, b in zip(leaves(saved), leaves(restored), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -211,7 +211,7 @@ def test_paper_configs_run_two_synthetic_steps(name, extra, tmp_path):
     kernel = state.params["x_embedder"]["proj"]["kernel"]
     assert kernel.shape[-1] == {"dit_s": 384, "dit_b": 768, "dit_l": 1024, "dit_xl": 1152}[name]
     assert kernel.dtype == jnp.float32  # params stay float32 under bf16 compute
-    assert not (tmp_path / "samples.png").exists()  # latents: no VAE decoder registered yet
+    assert not (tmp_path / "samples.png").exists()  # sample.decoder=latents: no images
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -229,7 +229,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     setup = step.create_setup(blow_up)
     mesh = sharding.make_mesh(blow_up.mesh, one)
     abstract, shardings = step.state_layout(setup, mesh)
-    restored = ckpt.restore(checkpoint.restore_target(abstract, shardings))
+    restored, _ = ckpt.restore(checkpoint.restore_target(abstract, shardings))
     assert all(np.isfinite(leaf).all() for leaf in leaves(restored.params))
 
 
@@ -262,7 +262,7 @@ def test_sigterm_saves_and_resume_finishes(tmp_path):
     proc.send_signal(signal.SIGTERM)
     proc.stderr.read()
     assert proc.wait(timeout=120) == 0
-    steps = checkpoint.Checkpoints(str(tmp_path), read_only=True).all_steps()
+    steps = checkpoint.Checkpoints(str(tmp_path), read_only=True).committed_steps()
     assert len(steps) == 1 and 5 <= steps[0] < 100000
     finish = steps[0] + 3
     subprocess.run(

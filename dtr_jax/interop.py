@@ -1,0 +1,696 @@
+"""PyTorch interop: the official DiT / DTR releases' weights <-> this package's Flax params.
+
+The official layout is the DiT release's state dict (facebookresearch/DiT); the DTR
+release adds one routing buffer per block. Names map one to one (`dtr_jax.models.dit`
+mirrors them):
+
+  PyTorch key (layout)                       Flax param (layout)
+  x_embedder.proj.weight   (O, I, p, p)      x_embedder/proj/kernel    (p, p, I, O)
+  t_embedder.mlp.0.weight  (out, in)         t_embedder/mlp_0/kernel   (in, out)
+  blocks.3.attn.qkv.bias                     blocks_3/attn/qkv/bias
+  y_embedder.embedding_table.weight          y_embedder/embedding_table/embedding
+  pos_embed                (1, N, D)         - (the fixed sin-cos table: checked, not imported)
+  blocks.N.routing._unit_mapping (T, C)      - (row N of the (depth, T, C) routing tables)
+
+An unconditional model (num_classes=1) has one class row in both releases (no null
+label); ours keeps an unused null row, which export drops and import fills with zeros.
+
+Files: `.pt` / `.pth` (torch.save; reading them needs torch, imported only there) and
+`.safetensors` (read from its header into numpy memmaps: no torch, bf16 included).
+A file holds either one state dict (the DiT release's `DiT-XL-2-256x256.pt`: its
+weights serve as params and EMA) or a training checkpoint, a dict with `model`, `ema`,
+`opt` (torch AdamW), `config` and, for UW runs, `uw` (`loss_scale`, the K
+log-variances), as the DTR and DiT releases' train.py save it. fp16/bf16 tensors are
+read as float32; `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes are dropped.
+
+Reading `.pt` never runs code from the file: `torch.load(weights_only=True)` rebuilds
+the tensors, and every other class the pickle names (the DTR release's OmegaConf
+config, the DiT release's argparse args) is replaced by an inert stand-in that only
+keeps the pickled data; torch still refuses modules such as `os` outright.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import hashlib
+import io
+import json
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import traverse_util
+from safetensors import numpy as st_numpy
+
+from dtr_jax import files, routing
+from dtr_jax.models.dit import DiT, sincos_pos_embed
+
+SUFFIXES = (".pt", ".pth", ".safetensors")
+POS_EMBED = "pos_embed"
+ROUTING_BUFFER = re.compile(r"^blocks\.(\d+)\.routing\._unit_mapping$")  # see routing_buffer
+EXPORT_TABLES_KEY = "routing.tables"  # the (G, T, C) tables of a dtr_jax export's safetensors
+_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
+_EMBEDDING = "y_embedder.embedding_table.weight"
+
+
+# --- names and layouts ----------------------------------------------------------------
+
+
+def _flax_name(key: str, ndim: int) -> tuple[tuple[str, ...], tuple[int, ...] | None]:
+    """(Flax path, axes that turn the PyTorch array into the Flax one, None: as is) of a
+    parameter key: 'blocks.3.attn.qkv.weight' -> (blocks_3, attn, qkv, kernel), (1, 0)."""
+    *parents, leaf = key.split(".")
+    path: list[str] = []
+    for part in parents:
+        if part.isdigit() and path:
+            path[-1] += f"_{part}"
+        else:
+            path.append(part)
+    if leaf != "weight":
+        return (*path, leaf), None
+    if path and path[-1] == "embedding_table":
+        return (*path, "embedding"), None
+    return (*path, "kernel"), ((2, 3, 1, 0) if ndim == 4 else (1, 0))  # OIHW -> HWIO
+
+
+def _torch_name(path: tuple[str, ...], ndim: int) -> tuple[str, tuple[int, ...] | None]:
+    """The inverse of `_flax_name`: (PyTorch key, axes that turn the Flax array into it)."""
+    *parents, leaf = path
+    parts = [re.sub(r"_(\d+)$", r".\1", p) for p in parents]
+    if leaf == "embedding":
+        return ".".join([*parts, "weight"]), None
+    if leaf == "kernel":
+        return ".".join([*parts, "weight"]), ((3, 2, 0, 1) if ndim == 4 else (1, 0))
+    return ".".join([*parts, leaf]), None
+
+
+def routing_buffer(block: int) -> str:
+    """The DTR release's key of block `block`'s (T, C) routing table."""
+    return f"blocks.{block}.routing._unit_mapping"
+
+
+def _transpose(x, axes):
+    return x if axes is None else np.transpose(x, axes)
+
+
+def _axes_shape(shape, axes) -> tuple[int, ...]:
+    return tuple(shape) if axes is None else tuple(shape[a] for a in axes)
+
+
+def params_from_torch(state_dict: Mapping[str, Any]) -> dict:
+    """Flax params (float32 numpy) of an official-layout state dict (torch tensors or
+    arrays). `pos_embed` and the routing buffers are not parameters and are skipped;
+    a single class row (an unconditional release model) gets a zero null row."""
+    flat = {}
+    for key, value in state_dict.items():
+        if key == POS_EMBED or ROUTING_BUFFER.match(key):
+            continue
+        w = to_numpy(value)
+        path, axes = _flax_name(key, w.ndim)
+        if key == _EMBEDDING and w.shape[0] == 1:
+            w = np.concatenate([w, np.zeros_like(w)])
+        flat[path] = np.ascontiguousarray(_transpose(w, axes))
+    return traverse_util.unflatten_dict(flat)
+
+
+def params_to_torch(params, model: DiT, tables=None) -> dict[str, np.ndarray]:
+    """The official-layout state dict (float32 numpy) of Flax `params` of `model`: Linear
+    weights transposed, conv kernels OIHW, `pos_embed`, and with (G, T, C) `tables` the
+    DTR release's buffer `blocks.N.routing._unit_mapping` (float 0/1) in every block."""
+    grid = model.input_size // model.patch_size
+    out = {POS_EMBED: sincos_pos_embed(model.hidden_size, grid).astype(np.float32)[None]}
+    for path, w in traverse_util.flatten_dict(nn.unbox(jax.device_get(params))).items():
+        w = np.asarray(w, np.float32)
+        key, axes = _torch_name(path, w.ndim)
+        if key == _EMBEDDING and model.num_classes == 1:
+            w = w[:1]  # both releases build no null row for one class
+        out[key] = np.ascontiguousarray(_transpose(w, axes))
+    if tables is not None:
+        tables = np.asarray(tables)
+        for i in range(model.depth):
+            out[routing_buffer(i)] = tables[i % len(tables)].astype(np.float32)
+    return out
+
+
+def torch_shapes(model: DiT, num_timesteps: int | None = None) -> dict[str, tuple[int, ...]]:
+    """{PyTorch key: shape} of `model`'s official state dict, from shapes alone; with
+    `num_timesteps`, the routing buffers (T, C) of every block too."""
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), *model.dummy_inputs()))
+    grid = model.input_size // model.patch_size
+    shapes = {POS_EMBED: (1, grid * grid, model.hidden_size)}
+    for path, leaf in traverse_util.flatten_dict(nn.unbox(abstract["params"])).items():
+        key, axes = _torch_name(path, len(leaf.shape))
+        shapes[key] = _axes_shape(leaf.shape, axes)
+    if model.num_classes == 1:
+        shapes[_EMBEDDING] = (1, model.hidden_size)
+    if num_timesteps is not None:
+        for i in range(model.depth):
+            shapes[routing_buffer(i)] = (num_timesteps, model.hidden_size)
+    return shapes
+
+
+def first_mismatch(shapes: Mapping[str, tuple], expected: Mapping[str, tuple]) -> str | None:
+    """What is wrong with the first key (in sorted order) whose presence or shape differs:
+    `'k' is missing`, `'k' is not expected` or `'k' has shape (..), expected (..)`."""
+    for key in sorted(set(shapes) | set(expected)):
+        if key not in shapes:
+            return f"{key!r} is missing"
+        if key not in expected:
+            return f"{key!r} is not expected"
+        if tuple(shapes[key]) != tuple(expected[key]):
+            return f"{key!r} has shape {tuple(shapes[key])}, expected {tuple(expected[key])}"
+    return None
+
+
+# --- reading files --------------------------------------------------------------------
+
+
+def to_numpy(value, dtype=np.float32) -> np.ndarray:
+    """A torch tensor or array (fp16 and bf16 included) as a numpy array of `dtype`."""
+    if hasattr(value, "detach"):  # a torch tensor; float() also reads bfloat16
+        value = value.detach().cpu()
+        value = (value.float() if value.is_floating_point() else value).numpy()
+    return np.array(value, dtype=dtype)
+
+
+def _is_tensor(value) -> bool:
+    return isinstance(value, np.ndarray) or hasattr(value, "detach")
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": jnp.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """The tensors of a .safetensors file as read-only numpy memmaps (bf16 as ml_dtypes'
+    bfloat16); a file cut short is refused naming the first tensor it lacks."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if size < 8 or n > size - 8:
+            raise ValueError("is not a safetensors file, or its header is cut short")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"has an unreadable safetensors header: {e}") from None
+    header.pop("__metadata__", None)
+    try:
+        entries = sorted(
+            (int(v["data_offsets"][0]), int(v["data_offsets"][1]), k, v["dtype"], tuple(v["shape"]))
+            for k, v in header.items()
+        )
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise ValueError(f"has a malformed safetensors header ({e!r})") from None
+    out = {}
+    for start, end, key, dtype, shape in entries:
+        if 8 + n + end > size:
+            raise ValueError(
+                f"is cut short: tensor {key!r} ends at byte {8 + n + end}, the file has {size}"
+            )
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"tensor {key!r} has the unsupported dtype {dtype}")
+        dtype = np.dtype(_SAFETENSORS_DTYPES[dtype])
+        if end == start:
+            out[key] = np.zeros(shape, dtype)
+        else:
+            out[key] = np.memmap(path, dtype, "r", offset=8 + n + start, shape=shape)
+    return out
+
+
+class Inert:
+    """Stands in for an object of a class a checkpoint's pickle names but that is never
+    imported or run (the DTR release's OmegaConf config): keeps its pickled data only."""
+
+    name = ""
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        self.args = args
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __repr__(self):
+        return f"<inert {self.name}>"
+
+
+def read_torch(path: str):
+    """torch.load(weights_only=True, mmap) of `path`, with inert stand-ins for the
+    classes torch does not allow (tensors are read from disk when converted)."""
+    import torch  # only .pt / .pth files need torch
+
+    try:
+        with open(path, "rb") as f:
+            foreign = torch.serialization.get_unsafe_globals_in_checkpoint(f)
+        stand_ins = [(type("Inert", (Inert,), {"name": name}), name) for name in foreign]
+        with torch.serialization.safe_globals(stand_ins):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # a foreign file fails in torch's reader in many ways, all "unreadable"
+        raise ValueError(f"cannot be read with torch.load(weights_only=True): {_reason(e)}") from e
+
+
+def _reason(error: Exception) -> str:
+    """The line of a torch.load error that says why (torch wraps it in advice)."""
+    boilerplate = ("Weights only load failed", "Check the documentation", "Please file an issue")
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return next((x for x in lines if not x.startswith(boilerplate)), type(error).__name__)
+
+
+def _strip_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Keys without the prefixes that DDP (`module.`) or torch.compile add to all of them."""
+    d = dict(state_dict)
+    while True:
+        prefix = next((p for p in _PREFIXES if d and all(k.startswith(p) for k in d)), None)
+        if prefix is None:
+            return d
+        d = {k[len(prefix) :]: v for k, v in d.items()}
+
+
+# --- a checkpoint file ----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class AdamMoments:
+    """One torch AdamW parameter group as optax sees it: count (step), mu, nu trees."""
+
+    count: int
+    mu: Any
+    nu: Any
+    settings: dict  # the group's lr, betas, eps, weight_decay
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Checkpoint:
+    """An official-layout PyTorch file, opened lazily: tensors are read when converted.
+
+    `state_dicts` maps 'model' and 'ema' to their state dicts (one state dict in the
+    file: both are it); `opt` is a torch AdamW state dict, `uw` the UW module's.
+    """
+
+    path: str
+    kind: str  # 'state dict' or 'training checkpoint'
+    state_dicts: dict[str, dict[str, Any]]
+    opt: Mapping | None = None
+    uw: dict[str, Any] | None = None
+    keys: tuple[str, ...] = ()  # a training checkpoint's entries, read or not (config, args)
+
+    READ = ("model", "ema", "opt", "uw")  # the entries of a training checkpoint that are read
+
+    @property
+    def ignored(self) -> tuple[str, ...]:
+        """The entries of a training checkpoint that are not read (its config or args)."""
+        return tuple(k for k in self.keys if k not in self.READ)
+
+    # --- what the file holds
+
+    def params(self, ema: bool = True) -> dict:
+        """Flax params (float32 numpy) of the EMA (or raw) weights."""
+        return params_from_torch(self.state_dicts["ema" if ema else "model"])
+
+    def tables(self) -> np.ndarray | None:
+        """The routing buffers as (depth, T, C) uint8 tables (None: the file has none)."""
+        sd = self.state_dicts["ema"]
+        found = sorted((int(m[1]), k) for k in sd if (m := ROUTING_BUFFER.match(k)))
+        if not found:
+            return None
+        tables = np.stack([to_numpy(sd[k], np.float32) for _, k in found])
+        bad = [k for (_, k), t in zip(found, tables, strict=True) if not np.isin(t, (0, 1)).all()]
+        if bad:
+            raise ValueError(f"{bad[0]!r} holds values other than 0 and 1")
+        return tables.astype(np.uint8)
+
+    def uw_log_vars(self) -> np.ndarray | None:
+        """The K UW log-variances (`uw.loss_scale`), None without them."""
+        return None if self.uw is None else to_numpy(self.uw["loss_scale"])
+
+    @property
+    def step(self) -> int | None:
+        """The optimizer's step count (None without an optimizer state)."""
+        if self.opt is None or not self.opt["state"]:
+            return None
+        return int(to_numpy(next(iter(self.opt["state"].values()))["step"]))
+
+    def adam(self) -> tuple[AdamMoments | None, AdamMoments | None]:
+        """(the model's AdamW moments, the UW group's) as Flax trees; None where absent."""
+        if self.opt is None:
+            return None, None
+        entries, uw_entry = self._opt_entries()
+        groups = self.opt["param_groups"]
+        model = self._moments(entries, groups[0], params_from_torch)
+        uw = None
+        if uw_entry is not None:
+            uw = self._moments({"loss_scale": uw_entry}, groups[1], lambda d: d["loss_scale"])
+        return model, uw
+
+    @staticmethod
+    def _moments(entries: dict, group: Mapping, convert) -> AdamMoments:
+        """`entries` (checked by `_opt_entries`: one step count) converted by `convert`."""
+        settings = {k: group[k] for k in ("lr", "betas", "eps", "weight_decay") if k in group}
+        return AdamMoments(
+            count=int(to_numpy(next(iter(entries.values()))["step"])),
+            mu=convert({k: to_numpy(e["exp_avg"]) for k, e in entries.items()}),
+            nu=convert({k: to_numpy(e["exp_avg_sq"]) for k, e in entries.items()}),
+            settings=settings,
+        )
+
+    def _opt_entries(self) -> tuple[dict[str, Mapping], Mapping | None]:
+        """({param key: torch AdamW state}, the UW param's state or None), checked.
+
+        Parameter ids follow model.parameters(), i.e. the order of the model's state dict
+        without its buffers (`pos_embed` is a parameter without gradient, so no state)."""
+        opt = self.opt
+        if not isinstance(opt, Mapping) or {"state", "param_groups"} - set(opt):
+            raise ValueError("'opt' is not a torch optimizer state dict")
+        groups, state = opt["param_groups"], opt["state"]
+        names = [k for k in self.state_dicts["model"] if not ROUTING_BUFFER.match(k)]
+        ids = list(groups[0]["params"]) if groups else []
+        if len(ids) != len(names):
+            raise ValueError(
+                f"'opt' param group 0 has {len(ids)} parameters, the model {len(names)}"
+            )
+        if any(g.get("amsgrad") for g in groups):
+            raise ValueError("'opt' uses amsgrad, which the AdamW here does not")
+        entries = {}
+        for name, i in zip(names, ids, strict=True):
+            if name == POS_EMBED:
+                continue
+            if i not in state or {"step", "exp_avg", "exp_avg_sq"} - set(state[i]):
+                raise ValueError(f"'opt' has no AdamW state for {name!r}")
+            shape = tuple(state[i]["exp_avg"].shape)
+            if shape != tuple(self.state_dicts["model"][name].shape):
+                raise ValueError(f"'opt' moments of {name!r} have shape {shape}")
+            entries[name] = state[i]
+        steps = {int(to_numpy(e["step"])) for e in entries.values()}
+        if len(steps) > 1:
+            raise ValueError(f"'opt' parameters are at different steps {sorted(steps)}")
+        uw_entry = None
+        if self.uw is not None and len(groups) > 1 and len(groups[1]["params"]) == 1:
+            uw_entry = state.get(groups[1]["params"][0])
+            shape = None if uw_entry is None else tuple(uw_entry["exp_avg"].shape)
+            if shape not in (None, tuple(self.uw["loss_scale"].shape)):
+                raise ValueError(f"'opt' moments of the UW 'loss_scale' have shape {shape}")
+        return entries, uw_entry
+
+    # --- checks
+
+    def problems(self, model: DiT, num_timesteps: int, optimizer: bool = False) -> list[str]:
+        """What keeps this file from being `model`'s weights: the first missing,
+        unexpected or mis-shaped key of each state dict, a `pos_embed` that is not the
+        fixed one, routing buffers that are not 0/1 tables of T = `num_timesteps` rows;
+        with `optimizer`, an `opt` whose AdamW state does not fit the model."""
+        found = []
+        for role, sd in self.state_dicts.items():
+            if role == "ema" and sd is self.state_dicts["model"]:
+                break
+            where = "" if self.kind == "state dict" else f"'{role}' "
+            mismatch = first_mismatch(_shapes(sd, model), _expected(sd, model, num_timesteps))
+            if mismatch:
+                found.append(f"does not hold this model: {where}{mismatch}")
+            else:
+                found += [f"{where}{p}" for p in _pos_embed_problems(sd[POS_EMBED], model)]
+        if found:
+            return found
+        try:
+            self.tables()
+            if optimizer and self.opt is not None:
+                self._opt_entries()
+        except ValueError as e:
+            return [str(e)]
+        return []
+
+    def summary(self, alphas=(4.0,)) -> str:
+        """What the file holds and its routing, for logs."""
+        held = [k for k in self.keys if k in self.READ] or ["weights"]
+        ignored = f"; not read: {', '.join(self.ignored)}" if self.ignored else ""
+        routed = describe_tables(classify_tables(self.tables(), alphas))
+        return f"{self.kind} ({', '.join(held)}{ignored}), routing buffers: {routed}"
+
+
+def _shapes(sd: Mapping[str, Any], model: DiT) -> dict[str, tuple]:
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    if model.num_classes == 1 and shapes.get(_EMBEDDING) == (2, model.hidden_size):
+        shapes[_EMBEDDING] = (1, model.hidden_size)  # a kept null row is fine too
+    return shapes
+
+
+def _expected(sd: Mapping[str, Any], model: DiT, num_timesteps: int) -> dict[str, tuple]:
+    """The shapes `sd` must have; routing buffers only if it has any (a DiT has none)."""
+    routed = any(ROUTING_BUFFER.match(k) for k in sd)
+    return torch_shapes(model, num_timesteps if routed else None)
+
+
+def _pos_embed_problems(value, model: DiT) -> list[str]:
+    """`pos_embed` must be the fixed sin-cos table, to the precision of its dtype."""
+    theirs = to_numpy(value, np.float64)[0]
+    ours = sincos_pos_embed(model.hidden_size, model.input_size // model.patch_size)
+    err = float(np.max(np.abs(theirs - ours)))
+    if err > 2 * _eps(value):
+        return [f"'pos_embed' is not the fixed 2-D sin-cos embedding (max difference {err:.3g})"]
+    return []
+
+
+def _eps(value) -> float:
+    """The machine epsilon of a torch tensor's or array's float dtype."""
+    if hasattr(value, "detach"):
+        import torch  # present: `value` is a torch tensor
+
+        return torch.finfo(value.dtype).eps
+    return float(jnp.finfo(value.dtype).eps)
+
+
+def open_checkpoint(path: str) -> Checkpoint:
+    """The official-layout PyTorch file at `path` (.pt/.pth/.safetensors), opened lazily.
+
+    Raises FileNotFoundError or ValueError (the message says why) for a file that is
+    missing, of another type, unreadable, or neither a state dict nor a checkpoint dict.
+    """
+    if files.is_remote(path):
+        raise ValueError("must be a local file (copy it to this machine first)")
+    if not os.path.isfile(path):
+        raise FileNotFoundError("does not exist")
+    if not path.endswith(SUFFIXES):
+        raise ValueError(f"has an unknown file type: expected {', '.join(SUFFIXES)}")
+    if path.endswith(".safetensors"):
+        return Checkpoint(path, "state dict", _both(_strip_prefixes(read_safetensors(path))))
+    return _from_pickle(path, read_torch(path))
+
+
+def _both(sd: dict) -> dict[str, dict]:
+    return {"model": sd, "ema": sd}
+
+
+def _from_pickle(path: str, obj) -> Checkpoint:
+    if isinstance(obj, Mapping) and obj and all(_is_tensor(v) for v in obj.values()):
+        return Checkpoint(path, "state dict", _both(_strip_prefixes(obj)))
+    found = {r: obj[r] for r in ("model", "ema") if isinstance(obj, Mapping) and r in obj}
+    if not found or not all(isinstance(sd, Mapping) for sd in found.values()):
+        raise ValueError("holds neither a state dict nor a checkpoint dict with 'model'/'ema'")
+    model = _strip_prefixes(found.get("model", found.get("ema")))
+    sds = {"model": model, "ema": _strip_prefixes(found["ema"]) if "ema" in found else model}
+    uw = _strip_prefixes(obj["uw"]) if isinstance(obj.get("uw"), Mapping) else None
+    if uw is not None and "loss_scale" not in uw:
+        raise ValueError(f"its 'uw' has no 'loss_scale' (keys {sorted(uw)})")
+    keys = tuple(map(str, obj))
+    return Checkpoint(path, "training checkpoint", sds, obj.get("opt"), uw, keys)
+
+
+# --- routing tables in files ----------------------------------------------------------
+
+
+def classify_tables(tables, alphas=(4.0,)) -> dict:
+    """Which routing (G, T, C) 0/1 tables are: {'kind': 'none'} (all ones, or None),
+    {'kind': 'dtr', 'beta': b, 'alpha': a} (the DTR window of one of `alphas`, same in
+    every block; b is the shortest decimal giving the window width), else
+    {'kind': 'random'}: not reproducible from a config (a seed)."""
+    if tables is None or np.all(tables == 1):
+        return {"kind": "none"}
+    tables = np.asarray(tables)
+    _, num_tasks, channels = tables.shape
+    widths = np.unique(tables.sum(-1))
+    if len(widths) == 1 and (tables == tables[:1]).all():
+        beta = _beta_for(int(widths[0]), channels)
+        for alpha in dict.fromkeys(float(a) for a in alphas):
+            table = routing.routing_table("dtr", num_tasks, channels, beta, alpha)
+            if np.array_equal(table, tables[0]):
+                return {"kind": "dtr", "beta": beta, "alpha": alpha}
+    return {"kind": "random"}
+
+
+def _beta_for(width: int, channels: int) -> float:
+    """The shortest decimal beta with floor(beta * channels) = width."""
+    for digits in range(1, 8):
+        low = round(width / channels, digits)
+        for beta in (low, round(low + 10**-digits, digits)):
+            if routing.active_channels(channels, beta) == width:
+                return beta
+    return (width + 0.5) / channels
+
+
+def describe_tables(found: dict) -> str:
+    if found["kind"] == "dtr":
+        return f"dtr (beta {found['beta']:g}, alpha {found['alpha']:g})"
+    if found["kind"] == "none":
+        return "none (all channels, a plain DiT)"
+    return "random (not reproducible from a seed)"
+
+
+def full_tables(tables, depth: int, num_tasks: int, channels: int) -> np.ndarray:
+    """(G, T, C) tables (or None: no routing) as (depth, T, C), for comparisons."""
+    if tables is None:
+        return np.ones((depth, num_tasks, channels), np.uint8)
+    tables = np.asarray(tables, np.uint8)
+    return np.broadcast_to(tables, (depth, *tables.shape[1:])) if len(tables) == 1 else tables
+
+
+def read_tables(path: str) -> np.ndarray:
+    """(G, T, C) uint8 routing tables from `path`: a .npy array, a dtr_jax export's
+    model.safetensors (`routing.tables`), or an official-layout PyTorch file with
+    routing buffers. Cached per file version (path, size, modification time)."""
+    if not path.endswith((".npy", *SUFFIXES)):
+        raise ValueError(f"has an unknown file type: expected .npy, {', '.join(SUFFIXES)}")
+    st = os.stat(path)
+    return _read_tables(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_tables(path: str, size: int, mtime_ns: int) -> np.ndarray:
+    del size, mtime_ns  # the cache key
+    if path.endswith(".npy"):
+        tables = np.load(path, allow_pickle=False)
+    elif path.endswith(".safetensors") and EXPORT_TABLES_KEY in read_safetensors(path):
+        tables = np.asarray(read_safetensors(path)[EXPORT_TABLES_KEY])
+    else:
+        tables = open_checkpoint(path).tables()
+        if tables is None:
+            raise ValueError("holds no routing tables (no blocks.N.routing._unit_mapping)")
+    if tables.ndim != 3 or not np.isin(tables, (0, 1)).all():
+        raise ValueError(f"holds tables of shape {tables.shape}: they must be (G, T, C) of 0/1")
+    tables = tables.astype(np.uint8)
+    tables.flags.writeable = False
+    return tables
+
+
+def tables_problems(
+    name: str, path: str, depth: int, num_timesteps: int, channels: int
+) -> list[str]:
+    """Problems with a routing-tables file `path` (the config field `name`) for a model
+    of `depth` blocks of `channels`, with `num_timesteps` tasks."""
+    if not path:
+        return [f"{name}='' must name the tables' file (.npy, .pt, .pth or .safetensors)"]
+    try:
+        tables = read_tables(path)
+    except FileNotFoundError:
+        return [f"{name}={path!r} does not exist"]
+    except (OSError, ValueError) as e:
+        return [f"{name}={path!r} {e}"]
+    if tables.shape[0] not in (1, depth) or tables.shape[1:] != (num_timesteps, channels):
+        return [
+            f"{name}={path!r} holds tables of shape {tables.shape}: expected "
+            f"(1 or depth={depth}, num_timesteps={num_timesteps}, hidden_size={channels})"
+        ]
+    return []
+
+
+def tables_digest(tables) -> str:
+    """A content hash of (G, T, C) tables: what the config signature records for them."""
+    tables = np.ascontiguousarray(tables, np.uint8)
+    return hashlib.sha256(repr(tables.shape).encode() + tables.tobytes()).hexdigest()
+
+
+# --- optimizer state ------------------------------------------------------------------
+
+
+def with_adam(opt_state, moments: AdamMoments):
+    """`opt_state` (an optax state with one ScaleByAdamState, e.g. adamw chained with
+    clipping) holding `moments`' count, mu and nu; the other parts are kept as they are."""
+    swapped = []
+
+    def swap(s):
+        if not isinstance(s, optax.ScaleByAdamState):
+            return s
+        swapped.append(s)
+        count = np.asarray(moments.count, s.count.dtype)
+        return optax.ScaleByAdamState(count=count, mu=moments.mu, nu=moments.nu)
+
+    out = jax.tree.map(swap, opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
+    if len(swapped) != 1:
+        raise ValueError(f"the optimizer state has {len(swapped)} Adam states, expected 1")
+    return out
+
+
+# --- writing --------------------------------------------------------------------------
+
+
+def torch_available() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def serialize(state_dict: Mapping[str, np.ndarray], suffix: str) -> bytes:
+    """A state dict as the bytes of a .safetensors file (no torch needed) or of a
+    torch.save .pt/.pth file (needs torch)."""
+    if suffix == ".safetensors":
+        return st_numpy.save(dict(state_dict), metadata={"format": "pt"})
+    import torch  # only .pt / .pth files need torch
+
+    buffer = io.BytesIO()
+    tensors = collections.OrderedDict(
+        (k, torch.from_numpy(np.array(v))) for k, v in state_dict.items()
+    )
+    torch.save(tensors, buffer)
+    return buffer.getvalue()
+
+
+def save(state_dict: Mapping[str, np.ndarray], path: str) -> None:
+    """Writes a state dict to a .safetensors, .pt or .pth file, atomically."""
+    suffix = os.path.splitext(path)[1]
+    if suffix not in SUFFIXES:
+        raise ValueError(f"{path}: unknown file type, expected {', '.join(SUFFIXES)}")
+    files.write_atomically(path, serialize(state_dict, suffix))
+
+
+__all__ = [
+    "AdamMoments",
+    "Checkpoint",
+    "Inert",
+    "classify_tables",
+    "describe_tables",
+    "first_mismatch",
+    "full_tables",
+    "open_checkpoint",
+    "params_from_torch",
+    "params_to_torch",
+    "read_safetensors",
+    "read_tables",
+    "read_torch",
+    "save",
+    "serialize",
+    "tables_digest",
+    "tables_problems",
+    "torch_available",
+    "torch_shapes",
+    "with_adam",
+]

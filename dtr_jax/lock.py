@@ -1,0 +1,188 @@
+"""One trainer per workdir: an owner lock with a heartbeat.
+
+WORKDIR/trainer.lock (JSON) names the owner: host, pid, the pid's start time, a
+random token and a heartbeat time that a background thread renews every
+`lease / 4` seconds. A second trainer is refused with a message naming the owner.
+A lock is stale, and is taken over with a warning, when its process is gone (same
+host: the pid no longer runs, or runs a newer process) or its heartbeat is older
+than the lease (another host). On a local disk the lock is created exclusively
+(O_EXCL); object stores have no exclusive create, so there the lock is written and
+read back after a pause: the last writer wins and every other trainer backs off.
+With several processes only process 0 takes the lock, and all of them learn whether
+it did.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+
+import jax
+from absl import logging
+
+from dtr_jax import files, sharding
+from dtr_jax.errors import WorkdirLocked
+
+LOCK = "trainer.lock"
+_READ_BACK_SECS = 2.0  # object stores: pause before reading a written lock back
+
+
+def problems(lease_secs) -> list[str]:
+    """Problems with the lock's lease (the `checkpoint` section's field)."""
+    return [] if lease_secs > 0 else [f"lock_lease_secs={lease_secs!r} must be > 0"]
+
+
+def _pid_start(pid: int) -> str | None:
+    """The start time of process `pid` (Linux /proc; None where unknown or gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def stale_reason(owner: dict, lease_secs: float, now: float | None = None) -> str | None:
+    """Why the lock `owner` wrote no longer holds (None if it does)."""
+    now = time.time() if now is None else now
+    if owner.get("host") == socket.gethostname():
+        pid = int(owner.get("pid", -1))
+        if not _pid_alive(pid):
+            return f"its process {pid} is gone"
+        start = _pid_start(pid)
+        if owner.get("pid_start") and start and start != owner["pid_start"]:
+            return f"pid {pid} now belongs to another process"
+        return None
+    age = now - float(owner.get("heartbeat", 0.0))
+    if age > lease_secs:
+        return f"its heartbeat is {age:.0f} s old (lease {lease_secs:.0f} s)"
+    return None
+
+
+def describe(owner: dict, now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    age = now - float(owner.get("heartbeat", now))
+    return (
+        f"a trainer on host {owner.get('host')!r} (pid {owner.get('pid')}, started "
+        f"{owner.get('started', '?')}, heartbeat {age:.0f} s ago)"
+    )
+
+
+class WorkdirLock:
+    """Held by the trainer of `workdir` from `acquire()` to `release()`."""
+
+    def __init__(self, workdir: str, lease_secs: float = 600.0):
+        self.path = files.resolve(workdir) / LOCK
+        self.lease_secs = float(lease_secs)
+        self.token = uuid.uuid4().hex
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _record(self) -> dict:
+        pid = os.getpid()
+        return dict(
+            host=socket.gethostname(),
+            pid=pid,
+            pid_start=_pid_start(pid),
+            token=self.token,
+            started=time.strftime("%Y-%m-%d %H:%M:%S"),
+            heartbeat=time.time(),
+        )
+
+    def _read(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}  # unreadable or half-written: no owner to name; stale by heartbeat
+
+    def acquire(self) -> None:
+        """Takes the lock (process 0), or raises WorkdirLocked on every process."""
+        error = None
+        if jax.process_index() == 0:
+            try:
+                self._acquire()
+            except WorkdirLocked as e:
+                error = e
+        if not sharding.all_hosts_agree(error is None):
+            raise error or WorkdirLocked(f"{self.path.parent} is owned by another trainer")
+        if jax.process_index() == 0:
+            self._thread = threading.Thread(target=self._beat, name="dtr_jax-lock", daemon=True)
+            self._thread.start()
+
+    def _acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        record = self._record()
+        if self._create_exclusively(record):
+            return
+        owner = self._read()
+        if owner is not None:
+            reason = stale_reason(owner, self.lease_secs)
+            if reason is None:
+                raise WorkdirLocked(
+                    f"{self.path.parent} is in use by {describe(owner)}; stop that trainer "
+                    f"or use another --workdir (its lock: {self.path})"
+                )
+            logging.warning(
+                "Taking over the stale lock %s of %s: %s", self.path, describe(owner), reason
+            )
+        files.write_atomically(str(self.path), json.dumps(record).encode())
+        if files.is_remote(str(self.path)):
+            time.sleep(_READ_BACK_SECS)  # let a concurrent writer land, then check who won
+        if (self._read() or {}).get("token") != self.token:
+            raise WorkdirLocked(f"{self.path.parent} was taken by another trainer just now")
+
+    def _create_exclusively(self, record: dict) -> bool:
+        """Local disks: create the lock only if absent (atomic). False if it exists."""
+        if files.is_remote(str(self.path)):
+            return False
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f)
+        return True
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.lease_secs / 4):
+            owner = self._read() or {}
+            if owner.get("token") != self.token:
+                logging.error("Lost the workdir lock %s to %s", self.path, describe(owner))
+                return
+            owner["heartbeat"] = time.time()
+            try:
+                files.write_atomically(str(self.path), json.dumps(owner).encode())
+            except OSError as e:  # keep training; the next beat retries
+                logging.warning("Could not renew the workdir lock %s: %s", self.path, e)
+
+    def release(self) -> None:
+        """Stops the heartbeat and removes the lock if it is still ours."""
+        self._stop.set()
+        if self._thread is None:
+            return
+        self._thread.join()
+        self._thread = None
+        if (self._read() or {}).get("token") == self.token:
+            self.path.unlink()
+
+    def __enter__(self) -> WorkdirLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -1,0 +1,63 @@
+"""`python -m dtr_jax.main` with a fault injected, for tests/test_faults.py.
+
+The fault is named by the environment variable DTR_TEST_FAULT (the production code
+knows nothing of it):
+
+  slow_meta      every checkpoint's meta write (in Orbax's async save thread) waits
+                 DTR_TEST_SLOW seconds first, after printing 'FAULT: saving <step>'
+                 to stderr: a kill then lands inside an unfinished save;
+  slow_commit    every commit record waits likewise after 'FAULT: committing <step>':
+                 a kill then leaves a complete but uncommitted step;
+  enospc:<step>  writing checkpoint <step> fails with ENOSPC, as on a full disk.
+"""
+
+import errno
+import os
+import re
+import sys
+import time
+
+from orbax.checkpoint._src.handlers import json_checkpoint_handler
+
+from dtr_jax import checkpoint, main
+
+FAULT = os.environ.get("DTR_TEST_FAULT", "")
+SLOW = float(os.environ.get("DTR_TEST_SLOW", "2"))
+
+
+def _announce(what: str) -> None:
+    print(f"FAULT: {what}", file=sys.stderr, flush=True)
+    time.sleep(SLOW)
+
+
+def _step_of(directory) -> int:
+    return int(re.search(r"/(\d+)(\.orbax-checkpoint-tmp[^/]*)?/meta", str(directory)).group(1))
+
+
+_save_meta = json_checkpoint_handler.JsonCheckpointHandler._save_fn
+
+
+async def _faulty_save_meta(self, x, directory):
+    step = _step_of(directory)
+    if FAULT == "slow_meta":
+        _announce(f"saving {step}")
+    if FAULT == f"enospc:{step}":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
+    return await _save_meta(self, x, directory)
+
+
+_commit = checkpoint.Checkpoints._commit_previous
+
+
+def _slow_commit(self):
+    if self._pending is not None:
+        _announce(f"committing {self._pending[0]}")
+    return _commit(self)
+
+
+json_checkpoint_handler.JsonCheckpointHandler._save_fn = _faulty_save_meta
+if FAULT == "slow_commit":
+    checkpoint.Checkpoints._commit_previous = _slow_commit
+
+if __name__ == "__main__":
+    main.run()

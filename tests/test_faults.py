@@ -1,0 +1,420 @@
+"""Fault injection: kills, corrupted and unfinished checkpoints, a full disk, a read-only
+workdir, a second trainer and bad inputs, each through the CLI where a user meets it.
+
+Guarantees checked (README, "Faults and guarantees"): a resumed run equals an
+uninterrupted one bit for bit; a checkpoint that fails verification is reported and
+the newest valid one is used; nothing already written is lost; every anticipated
+failure ends in one `dtr_jax: ...` line and its own exit code, never a traceback.
+"""
+
+import json
+import os
+import pathlib
+import random
+import shutil
+import signal
+import socket
+import subprocess
+
+import jax
+import numpy as np
+import pytest
+
+from dtr_jax import checkpoint, lock, modes, train
+from dtr_jax.errors import (
+    CheckpointError,
+    ConfigError,
+    InputFileError,
+    TrainingDiverged,
+    WorkdirError,
+    WorkdirLocked,
+)
+from helpers import DIGITS, cli_command, cli_env, tiny
+
+FAULTY_MAIN = pathlib.Path(__file__).with_name("faulty_main.py")
+ONE = jax.devices()[:1]
+
+
+def records(workdir, step):
+    """The commit record's per-array checksums of `step`: equal records, equal state."""
+    path = pathlib.Path(workdir) / "checkpoints" / str(step) / checkpoint.COMMIT
+    return json.loads(path.read_text())["arrays"]
+
+
+def run_cli(workdir, mode="train", fault=None, timeout=300, **overrides):
+    script = FAULTY_MAIN if fault else None
+    env = cli_env(DTR_TEST_FAULT=fault or "")
+    cmd = cli_command(workdir, mode, script=script, **overrides)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_clean_failure(proc, code, *fragments):
+    """One `dtr_jax:` message with the fragments, exit `code`, and no traceback."""
+    assert proc.returncode == code, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.count("dtr_jax: ") == 1, proc.stderr[-3000:]
+    message = proc.stderr[proc.stderr.index("dtr_jax: ") :]
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+
+
+def start(workdir, fault=None, **overrides):
+    script = FAULTY_MAIN if fault else None
+    cmd = cli_command(workdir, "train", script=script, **overrides)
+    env = cli_env(DTR_TEST_FAULT=fault or "", DTR_TEST_SLOW="3")
+    return subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(proc, pattern: str) -> str:
+    """Reads the process's stderr until a line contains `pattern`; returns that line."""
+    for line in proc.stderr:
+        if pattern in line:
+            return line
+    raise AssertionError(f"{pattern!r} never appeared (exit {proc.wait()})")
+
+
+def kill9(proc):
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+
+
+# --- kill -9 at random moments, inside saves, then resume ------------------------------
+
+KILLED = {"num_train_steps": 40, "checkpoint_every_steps": 3}
+
+
+def test_kill_9_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path):
+    train.train_and_evaluate(tiny(**KILLED), str(tmp_path / "straight"), devices=ONE)
+    workdir = tmp_path / "killed"
+    rng = random.Random(0)
+    for _ in range(3):  # at random moments of training (and of its many async saves)
+        proc = start(workdir, **KILLED)
+        wait_for(proc, ", loss=")
+        for _ in range(rng.randrange(1, 12)):
+            wait_for(proc, ", loss=")
+        kill9(proc)
+    proc = start(workdir, fault="slow_meta", **KILLED)  # inside Orbax's async write
+    wait_for(proc, "FAULT: saving")
+    kill9(proc)
+    ckpt = checkpoint.Checkpoints(str(workdir), read_only=True)
+    assert ckpt.unfinished(), "the kill did not land inside a save"
+    proc = start(workdir, fault="slow_commit", **KILLED)  # written, not yet committed
+    uncommitted = int(wait_for(proc, "FAULT: committing").split()[-1])
+    kill9(proc)
+    assert uncommitted not in checkpoint.Checkpoints(str(workdir), read_only=True).committed_steps()
+
+    final = run_cli(workdir, **KILLED)
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert "Taking over the stale lock" in final.stderr  # the kill -9 left its lock
+    assert "Removing the unfinished checkpoint" in final.stderr
+    assert records(workdir, 40) == records(tmp_path / "straight", 40)
+    ema = [(d / "ema_params.msgpack").read_bytes() for d in (workdir, tmp_path / "straight")]
+    assert ema[0] == ema[1]
+    assert not (workdir / lock.LOCK).exists()
+
+
+# --- damaged checkpoints: fallback with a warning ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A workdir with committed steps 2 and 4, and the state an uninterrupted run reaches
+    at step 6 (the reference for a resumed run)."""
+    root = tmp_path_factory.mktemp("saved")
+    config = tiny(num_train_steps=4, checkpoint_every_steps=2)
+    train.train_and_evaluate(config, str(root / "run"), devices=ONE)
+    six = tiny(num_train_steps=6, checkpoint_every_steps=2)
+    train.train_and_evaluate(six, str(root / "six"), devices=ONE)
+    return root / "run", records(root / "six", 6)
+
+
+def _data_files(step_dir):
+    return sorted(
+        p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"
+    )
+
+
+def truncate(step_dir):
+    for path in _data_files(step_dir):
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+
+
+def flip_bits(step_dir):
+    for path in _data_files(step_dir):
+        data = bytearray(path.read_bytes())
+        for i in range(len(data) // 2, len(data), 97):
+            data[i] ^= 0x10
+        path.write_bytes(bytes(data))
+
+
+def delete_state(step_dir):
+    shutil.rmtree(step_dir / "state")
+
+
+def delete_meta(step_dir):
+    shutil.rmtree(step_dir / "meta")
+
+
+def uncommit(step_dir):
+    (step_dir / checkpoint.COMMIT).unlink()
+
+
+DAMAGES = [truncate, flip_bits, delete_state, delete_meta, uncommit]
+
+
+def _tree(path):
+    return sorted(
+        (str(p.relative_to(path)), p.read_bytes()) for p in path.rglob("*") if p.is_file()
+    )
+
+
+@pytest.mark.parametrize("damage", DAMAGES, ids=lambda f: f.__name__)
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(saved, damage, tmp_path, caplog):
+    source, six = saved
+    workdir = tmp_path / "run"
+    shutil.copytree(source, workdir)
+    damage(workdir / "checkpoints" / "4")
+    damaged = _tree(workdir / "checkpoints" / "4")
+
+    # A reading mode uses step 2 and leaves the workdir as it is.
+    export_dir = tmp_path / "export"
+    config = tiny(num_train_steps=6, checkpoint_every_steps=2, **{"export.dir": str(export_dir)})
+    modes.run("export", config, str(workdir))
+    assert json.loads((export_dir / "model.json").read_text())["step"] == 2
+    if damage is not uncommit:
+        assert "checkpoints/4 is unusable" in caplog.text
+    assert _tree(workdir / "checkpoints" / "4") == damaged
+
+    # The trainer resumes from step 2, moves the damaged step aside untouched, and ends
+    # exactly where an uninterrupted run ends.
+    train.train_and_evaluate(config, str(workdir), devices=ONE)
+    assert records(workdir, 6) == six
+    if damage is uncommit:  # unfinished: removed by the owner, not a checkpoint
+        assert "Removing the unfinished checkpoint" in caplog.text
+        assert not (workdir / "checkpoints" / "4.corrupt").exists()
+    else:
+        assert _tree(workdir / "checkpoints" / "4.corrupt") == damaged
+
+
+def test_no_valid_checkpoint_is_a_clear_error_naming_each(saved, tmp_path):
+    source, _ = saved
+    workdir = tmp_path / "run"
+    shutil.copytree(source, workdir)
+    flip_bits(workdir / "checkpoints" / "4")
+    truncate(workdir / "checkpoints" / "2")
+    with pytest.raises(CheckpointError) as err:
+        modes.run("export", tiny(), str(workdir))
+    assert "no valid checkpoint" in str(err.value)
+    assert "checkpoints/4:" in str(err.value) and "checkpoints/2:" in str(err.value)
+    proc = run_cli(workdir, mode="sample")
+    assert_clean_failure(proc, CheckpointError.exit_code, "no valid checkpoint", "checkpoints/2")
+
+
+# --- a full disk ---------------------------------------------------------------------------
+
+
+def test_disk_full_during_a_save_keeps_the_previous_checkpoint(saved, tmp_path):
+    _, six = saved
+    workdir = tmp_path / "run"
+    proc = run_cli(workdir, fault="enospc:4", num_train_steps=6, checkpoint_every_steps=2)
+    assert_clean_failure(
+        proc,
+        CheckpointError.exit_code,
+        "could not write checkpoint",
+        "No space left on device",
+        "last committed checkpoint is step 2, intact",
+    )
+    assert checkpoint.Checkpoints(str(workdir), read_only=True).committed_steps() == [2]
+    again = run_cli(workdir, num_train_steps=6, checkpoint_every_steps=2)  # space freed
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert records(workdir, 6) == six
+
+
+# --- one trainer per workdir ---------------------------------------------------------------
+
+
+def test_a_second_trainer_is_refused_and_a_stale_lock_taken_over(tmp_path):
+    workdir = tmp_path / "run"
+    first = start(workdir, num_train_steps=100000, checkpoint_every_steps=100000)
+    wait_for(first, ", loss=")
+    second = run_cli(workdir, num_train_steps=3)
+    assert_clean_failure(
+        second,
+        WorkdirLocked.exit_code,
+        "is in use by a trainer on host",
+        socket.gethostname(),
+        f"pid {first.pid}",
+    )
+    kill9(first)
+    third = run_cli(workdir, num_train_steps=3)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "Taking over the stale lock" in third.stderr and "is gone" in third.stderr
+
+
+def test_stale_lock_rules():
+    now = 1_000_000.0
+    here = dict(host=socket.gethostname(), pid=os.getpid(), heartbeat=now)
+    assert lock.stale_reason(here, 600, now) is None  # a live process of this host
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    assert "is gone" in lock.stale_reason(here | {"pid": dead.pid}, 600, now)
+    elsewhere = dict(host="another-host", pid=1, heartbeat=now - 60)
+    assert lock.stale_reason(elsewhere, 600, now) is None  # heartbeat within the lease
+    assert "heartbeat is 660 s old" in lock.stale_reason(elsewhere, 600, now + 600)
+
+
+# --- a read-only workdir -------------------------------------------------------------------
+
+
+def _without_write_override():
+    """Command prefix that makes even root obey file permissions (drops CAP_DAC_OVERRIDE)."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without util-linux setpriv: cannot deny root a write")
+    return ["setpriv", "--inh-caps=-dac_override", "--bounding-set=-dac_override", "--"]
+
+
+def test_read_only_workdir(saved, tmp_path):
+    source, _ = saved
+    workdir, outside = tmp_path / "run", tmp_path / "out"
+    shutil.copytree(source, workdir)
+    outside.mkdir()
+    for path in [workdir, *workdir.rglob("*")]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    prefix = _without_write_override()
+
+    def cli(mode, **overrides):
+        cmd = prefix + cli_command(workdir, mode, **overrides)
+        return subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)
+
+    try:
+        before = _tree(workdir)
+        assert_clean_failure(
+            cli("train", num_train_steps=6), WorkdirError.exit_code, "not writable"
+        )
+        assert_clean_failure(
+            cli("sample", **{"sample.num_samples": 4}), WorkdirError.exit_code, "not writable"
+        )
+        exported = cli("export", **{"export.dir": str(outside / "export")})
+        assert exported.returncode == 0, exported.stderr[-3000:]  # reading needs no writes
+        assert (outside / "export" / "model.safetensors").exists()
+        assert _tree(workdir) == before
+    finally:
+        for path in [workdir, *workdir.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+# --- bad input, through the CLI ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inputs")
+    (root / "notes.txt").write_text("not an npz")
+    np.savez(root / "floats.npz", arr_0=np.zeros((4, 8, 8, 1), np.float32))
+    np.savez(root / "images.npz", arr_0=np.zeros((4, 8, 8, 1), np.uint8))
+    (root / "weights.pth").write_bytes(b"garbage")
+    (root / "not_an_export").mkdir()
+    (root / "not_an_export" / "keep.txt").write_text("precious")
+    return root
+
+
+def _bad_inputs(root, trained):
+    """(mode, workdir, overrides, exit code, fragments) of each refused invocation."""
+    empty = root / "empty"
+    ev = {"eval.metrics": "digits"}
+    return [
+        (
+            "train",
+            empty,
+            {"nonexistent_field": 1},
+            ConfigError,
+            ["--config.nonexistent_field is not a config field"],
+        ),
+        (
+            "train",
+            empty,
+            {"model.routing.betta": 0.5},
+            ConfigError,
+            ["--config.model.routing.beta?"],
+        ),
+        (
+            "train",
+            trained,
+            {"model.hidden_size": 64},
+            WorkdirError,
+            ["different model", "hidden_size"],
+        ),
+        (
+            "evaluate",
+            empty,
+            ev | {"eval.samples": root / "notes.txt"},
+            InputFileError,
+            ["is not an .npz file"],
+        ),
+        (
+            "evaluate",
+            empty,
+            ev | {"eval.samples": root / "floats.npz"},
+            InputFileError,
+            ["expected uint8 images"],
+        ),
+        (
+            "evaluate",
+            empty,
+            ev | {"eval.samples": root / "missing.npz"},
+            ConfigError,
+            ["no such file"],
+        ),
+        (
+            "evaluate",
+            empty,
+            {
+                "eval.metrics": "inception",
+                "eval.samples": root / "images.npz",
+                "eval.reference": root / "images.npz",
+                "eval.inception_weights": root / "weights.pth",
+            },
+            InputFileError,
+            ["eval.inception_weights="],
+        ),
+        ("sample", empty, {}, CheckpointError, ["no committed checkpoint", "train first"]),
+        (
+            "export",
+            trained,
+            {"export.dir": root / "not_an_export"},
+            ConfigError,
+            ["refusing to write an export"],
+        ),
+        (
+            "train",
+            root / "nan",
+            {"optimizer.learning_rate": 1e30, "num_train_steps": 8},
+            TrainingDiverged,
+            ["loss is nan"],
+        ),
+    ]
+
+
+def test_bad_inputs_are_refused_cleanly_through_the_cli(saved, inputs):
+    trained, _ = saved
+    for mode, workdir, overrides, error, fragments in _bad_inputs(inputs, trained):
+        proc = run_cli(workdir, mode=mode, **overrides)
+        assert_clean_failure(proc, error.exit_code, *fragments)
+    assert (inputs / "not_an_export" / "keep.txt").read_text() == "precious"
+
+
+def test_verbose_shows_the_traceback(tmp_path):
+    cmd = cli_command(tmp_path, "sample") + ["--verbose"]
+    proc = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == CheckpointError.exit_code
+    assert "Traceback" in proc.stderr and "dtr_jax: " in proc.stderr
+
+
+def test_config_file_mistakes(tmp_path):
+    cmd = cli_command(tmp_path)
+    cmd[cmd.index(DIGITS)] = str(tmp_path / "nope.py")
+    proc = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert_clean_failure(proc, ConfigError.exit_code, "--config cannot be loaded", "nope.py")
