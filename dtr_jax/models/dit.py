@@ -283,7 +283,7 @@ class DiT(nn.Module):
         block_cls = DiTBlock
         if self.remat_policy:
             policy = getattr(jax.checkpoint_policies, self.remat_policy)
-            # Under scan, XLA cannot merge the recomputation into the forward pass anyway.
+            # prevent_cse guards the recompute against CSE; a scan body needs no guard.
             block_cls = nn.remat(DiTBlock, policy=policy, prevent_cse=not self.scan_blocks)
         args = (self.hidden_size, self.num_heads, self.mlp_ratio, self.dtype, self.attention)
         if not self.scan_blocks:
