@@ -80,7 +80,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.class_dropout_prob = 0.1
     c.model.learn_sigma = True
     c.model.dtype = "float32"  # compute dtype; params are always float32
-    c.model.remat = False
+    # How the model computes, not what: the model spec does not record these three.
+    # remat_policy: '' keeps all activations; else one of models.REMAT_POLICIES.
+    c.model.remat_policy = ""
+    c.model.scan_blocks = False  # one scanned block (faster compiles); block params stacked
+    c.model.attention = "xla"  # or 'cudnn' (GPU, bfloat16): cuDNN flash attention
     c.model.routing = ml_collections.ConfigDict()
     c.model.routing.kind = "dtr"
     c.model.routing.beta = 0.8  # sharing ratio: active channels per task

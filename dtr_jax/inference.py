@@ -21,7 +21,8 @@ from absl import logging
 from dtr_jax import checkpoint, interop, routing, sharding
 from dtr_jax.config import model_spec, signature
 from dtr_jax.diffusion import GaussianDiffusion
-from dtr_jax.models import DiT, create_dit
+from dtr_jax.models import COMPUTE_FIELDS, DiT, create_dit
+from dtr_jax.models.dit import stack_blocks
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -33,8 +34,11 @@ class DiffusionModel:
     diffusion: GaussianDiffusion
 
     def init_params(self, rng: jax.Array):
-        """Fresh params, with the logical-partitioning boxes that give their shardings."""
-        return self.model.init(rng, *self.model.dummy_inputs())["params"]
+        """Fresh params, with the logical-partitioning boxes that give their shardings.
+        A scanned model gets the per-block init, stacked: the same weights either way."""
+        per_block = self.model.clone(scan_blocks=False)
+        params = per_block.init(rng, *per_block.dummy_inputs())["params"]
+        return stack_blocks(params) if self.model.scan_blocks else params
 
     def abstract_params(self):
         """The boxed params as ShapeDtypeStructs (nothing allocated)."""
@@ -49,7 +53,8 @@ class DiffusionModel:
 def build(spec: dict, dtype: str = "float32", **model_kwargs) -> DiffusionModel:
     """The DiffusionModel a model spec describes. Routing kinds other than those of
     `routing.KINDS` (an export's 'custom') give no tables: the caller supplies them.
-    `dtype` is the compute dtype; `model_kwargs` go to the DiT (remat, dropout)."""
+    `dtype` is the compute dtype; `model_kwargs` go to the DiT (remat_policy, scan_blocks,
+    attention, class_dropout_prob)."""
     m, r, d = dict(spec["model"]), spec["routing"], spec["diffusion"]
     model = create_dit(m.pop("name"), dtype=dtype, **(m | model_kwargs))
     tables = None
@@ -70,10 +75,11 @@ def build(spec: dict, dtype: str = "float32", **model_kwargs) -> DiffusionModel:
 
 
 def from_config(config) -> DiffusionModel:
-    """The run's DiffusionModel, with its compute dtype, remat and label dropout; routing
-    kind 'file' reads its tables from `model.routing.path`."""
+    """The run's DiffusionModel, with how it computes (dtype, remat, scan, attention) and
+    its label dropout; routing kind 'file' reads its tables from `model.routing.path`."""
     m = config.model
-    dm = build(model_spec(config), m.dtype, remat=m.remat, class_dropout_prob=m.class_dropout_prob)
+    computes = {f: m[f] for f in COMPUTE_FIELDS}
+    dm = build(model_spec(config), m.dtype, class_dropout_prob=m.class_dropout_prob, **computes)
     if m.routing.kind == routing.FILE:
         dm = dataclasses.replace(dm, tables=interop.read_tables(m.routing.path))
     return dm

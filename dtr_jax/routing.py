@@ -3,8 +3,8 @@
 A routing table is a (T, C) array of 0/1: row t is the channel mask of the
 denoising task at timestep t. Tables are plain numpy constants computed once,
 held outside the model parameters and gathered per sample inside the jitted
-model (see `dtr_jax.models.dit`). `route` applies a gathered mask to any
-residual block, so every routed architecture routes the same way.
+model (see `dtr_jax.models.dit`). `route` applies a gathered mask to the residual
+branches of any block, so every routed architecture routes the same way.
 """
 
 from __future__ import annotations
@@ -121,14 +121,24 @@ def model_tables(
     )
 
 
-def route(block, x, mask):
-    """SPEC §2: `x + Block(x * m) - x * m` for a residual block `block(h) = h + f(h)`.
+def route(branches, x, mask):
+    """SPEC §2, `x + Block(x * m)`, for a block made of residual branches applied in turn.
 
-    The block reads only the active channels; its updates land on all C channels;
-    the inactive channels of x pass through unchanged. For a 0/1 mask, `x - x * m`
-    equals `x * (1 - m)` exactly. `mask` is None for no routing (all ones).
+    `branches` are the functions f_k of a residual block, h <- h + f_k(h) (a DiT block
+    has two: attention, then MLP). Their input h starts as the masked stream x * m, so
+    the block reads only the active channels; every update f_k(h) lands on all C
+    channels of x, so the inactive channels pass through. This equals the release's
+    `Block(x * m) + x * (1 - m)` but keeps the residual stream free of the subtraction
+    `- x * m`, which XLA otherwise recomputes through the backward pass (BENCHMARKS.md,
+    optimisation log). `mask` is None for no routing; an all-ones mask gives the
+    unrouted block bit for bit.
     """
     if mask is None:
-        return block(x)
+        for branch in branches:
+            x = x + branch(x)
+        return x
     h = x * mask
-    return block(h) + (x - h)
+    for branch in branches:
+        update = branch(h)
+        h, x = h + update, x + update  # XLA drops the last h, which nothing reads
+    return x

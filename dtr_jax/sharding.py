@@ -39,6 +39,7 @@ RULES = (
     ("cond", None),
     ("classes", None),
     ("channels", None),
+    ("layers", None),  # the stacked blocks' depth axis (model.scan_blocks)
 )
 
 

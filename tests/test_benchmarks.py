@@ -1,20 +1,21 @@
-"""The benchmark's analytic FLOP count against SPEC §3 (no timing here)."""
+"""The benchmarks: the analytic FLOP count against SPEC §3, the PyTorch counterpart against
+dtr_jax, and every script run for a tiny step with only a bare accelerator host's packages
+importable. No timing is asserted."""
 
-import importlib.util
+import os
+import re
+import subprocess
 import sys
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
+import torch
 
+from benchmarks import common, torch_step
+from dtr_jax.diffusion import GaussianDiffusion
 from dtr_jax.models import create_dit
-from helpers import ROOT
-
-
-def _benchmark_module():
-    spec = importlib.util.spec_from_file_location("train_step", ROOT / "benchmarks/train_step.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+from helpers import ROOT, tiny
 
 
 @pytest.mark.parametrize(
@@ -22,4 +23,137 @@ def _benchmark_module():
 )
 def test_forward_macs_match_spec(name, gmacs):
     model = create_dit(name, input_size=32, in_channels=4, num_classes=1000)
-    assert _benchmark_module().forward_macs(model) / 1e9 == pytest.approx(gmacs, rel=2e-3)
+    assert common.forward_macs(model) / 1e9 == pytest.approx(gmacs, rel=2e-3)
+    assert common.train_flops(model, 256) == 6 * 256 * common.forward_macs(model)
+
+
+def test_torch_counterpart_computes_dtr_jax_losses_and_sampler_steps():
+    """The PyTorch step's hybrid loss and sampler step are dtr_jax's, given the same model
+    output (NHWC here, NCHW there)."""
+    rng = np.random.default_rng(0)
+    b, h, c = 6, 4, 3
+    x0 = rng.uniform(-1, 1, (b, h, h, c)).astype(np.float32)
+    x0[0, 0, 0] = [-1.0, 1.0, 0.5]  # the decoder NLL's edge bins
+    noise = rng.standard_normal((b, h, h, c)).astype(np.float32)
+    out = rng.uniform(-1, 1, (b, h, h, 2 * c)).astype(np.float32)
+    t = np.array([0, 1, 10, 500, 998, 999])
+
+    def nchw(a):
+        return torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
+
+    process = GaussianDiffusion.create("linear", 1000)
+    want = process.training_losses(lambda x_t, t_model: jnp.asarray(out), x0, t, noise)
+    diffusion = torch_step.Diffusion(process)
+    tt = torch.from_numpy(t)
+    x_t = diffusion.q_sample(nchw(x0), tt, nchw(noise))
+    np.testing.assert_allclose(x_t.numpy().transpose(0, 2, 3, 1), process.q_sample(x0, t, noise))
+    mse, vb = diffusion.hybrid_loss(nchw(out), nchw(x0), x_t, tt, nchw(noise))
+    np.testing.assert_allclose(mse.numpy(), want["mse"], rtol=1e-5)
+    np.testing.assert_allclose(vb.numpy(), want["vb"], rtol=1e-4, atol=1e-6)
+
+    respaced = process.respaced("10")
+    tr = np.arange(b) % 10
+    step = torch_step.Diffusion(respaced)
+    mean, log_var = step.p_mean_log_variance(
+        nchw(out[..., :c]), nchw(out[..., c:]), nchw(noise), torch.from_numpy(tr)
+    )
+    p = respaced.p_mean_variance(jnp.asarray(out), noise, tr)
+    np.testing.assert_allclose(mean.numpy().transpose(0, 2, 3, 1), p["mean"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(log_var.numpy().transpose(0, 2, 3, 1), p["log_variance"], rtol=1e-5)
+    assert step.timestep_map.tolist() == respaced.timestep_map.tolist()
+
+
+def test_torch_counterpart_is_the_reference_dit_with_fused_attention():
+    config = tiny(**{"model.depth": 2})
+    torch.manual_seed(0)
+    fused = torch_step.build_model(config, "dtr").eval()
+    plain = torch_step.reference.TDiT(8, 1, 2, 32, 2, 2, 10, tables=None).eval()
+    plain.load_state_dict({k: v for k, v in fused.state_dict().items() if "routing" not in k})
+    assert type(fused.blocks[0].attn) is torch_step.FusedAttention
+    tables = torch.stack([b.routing._unit_mapping for b in fused.blocks])
+    x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([0, 500, 999]), torch.tensor([1, 2, 10])
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            fused(x, t, y).numpy(), plain(x, t, y, tables).numpy(), rtol=1e-5, atol=1e-6
+        )
+
+
+# Imports a bare accelerator host lacks: any of them in a benchmark's import path fails it.
+# ml_collections is allowed: BENCHMARKS.md carries its pure-Python wheel to such hosts.
+# `None` in sys.modules makes `import x` fail and `importlib.util.find_spec(x)` answer None,
+# as for a package that is not installed (torch probes optional packages that way).
+BLOCKER = """
+import runpy, sys
+sys.modules.update(dict.fromkeys({blocked}))
+for argv in {runs}:
+    sys.argv = argv
+    runpy.run_module(argv[0], run_name="__main__")
+    print("=== end of", argv[0], flush=True)
+"""
+BARE_HOST_LACKS = ["tensorflow", "clu", "grain", "tensorflow_datasets", "sklearn"]
+TINY = ["--config", "configs/digits.py"] + [
+    a for f in ("depth=1", "hidden_size=32", "num_heads=2") for a in ("--set", f"model.{f}")
+]
+
+
+def run_blocked(runs, blocked) -> list[str]:
+    """Runs the benchmark command lines `runs` in one subprocess with `blocked` imports
+    failing; returns each command's output."""
+    code = BLOCKER.format(blocked=blocked, runs=runs)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    outputs = re.split(r"=== end of \S+\n", done.stdout)
+    assert len(outputs) == len(runs) + 1 and not outputs[-1].strip(), done.stdout
+    return outputs[:-1]
+
+
+def table_rows(output: str, first_column: str) -> list[list[str]]:
+    return [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in output.splitlines()
+        if line.startswith(f"| {first_column} ")
+    ]
+
+
+def test_jax_benchmarks_run_without_tensorflow_clu_grain_sklearn_or_torch():
+    """matmul, train_step (on two meshes: data and fsdp) and sample, one tiny step each."""
+    runs = [
+        ["benchmarks.matmul", "--size", "64", "--rounds", "1"],
+        ["benchmarks.train_step", *TINY, "--set", "optimizer.warmup_steps=0", "--batch", "8"]
+        + ["--kinds", "none,dtr"]
+        + ["--meshes", "2x1,1x2", "--steps", "2", "--rounds", "1", "--ceiling", "64"],
+        ["benchmarks.sample", *TINY, "--batch", "4", "--num-steps", "2", "--kinds", "dtr"]
+        + ["--rounds", "1", "--ceiling", "0"],
+    ]
+    matmul, train, sampling = run_blocked(runs, BARE_HOST_LACKS + ["torch"])
+    assert re.search(r"\| 64\^3 \| float32 \| [\d.]+ \| [\d.]+ \|", matmul)
+    rows = table_rows(train, "jax")
+    assert [(r[2], r[3]) for r in rows] == [("2x1", "none"), ("2x1", "dtr")] + [
+        ("1x2", "none"),
+        ("1x2", "dtr"),
+    ]
+    # the same steps on every mesh: the same last loss (to float reduction order)
+    loss = {(r[2], r[3]): float(r[15]) for r in rows}
+    for kind in ("none", "dtr"):
+        assert loss["1x2", kind] == pytest.approx(loss["2x1", kind], rel=1e-4)
+    assert all(r[12].endswith("%") for r in rows)  # MFU against the in-run ceiling
+    assert "DTR / none step time, jax - mesh 2x1" in train
+    rows = table_rows(sampling, "jax")
+    assert len(rows) == 1 and rows[0][5] == "2" and float(rows[0][10]) > 0  # steps, images/s
+
+
+def test_torch_counterpart_runs_without_tensorflow_clu_grain_or_sklearn():
+    runs = [
+        ["benchmarks.torch_step", *TINY, "--batch", "4", "--kinds", "dtr", "--modes", "eager"]
+        + ["--steps", "1", "--rounds", "1"],
+        ["benchmarks.sample", *TINY, "--batch", "2", "--num-steps", "2", "--kinds", "dtr"]
+        + ["--rounds", "1", "--ceiling", "0", "--torch", "eager"],
+    ]
+    train, sampling = run_blocked(runs, BARE_HOST_LACKS)
+    for out, images_per_s in ((train, 9), (sampling, 10)):
+        rows = table_rows(out, "torch eager")
+        assert len(rows) == 1 and float(rows[0][images_per_s]) > 0
+        assert "torch device: cpu" in out

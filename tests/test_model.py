@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from dtr_jax.interop import params_from_torch
-from dtr_jax.models import MODEL_NAMES, SIZES, create_dit
-from dtr_jax.models.dit import DiT, DiTBlock
+from dtr_jax.models import MODEL_NAMES, REMAT_POLICIES, SIZES, create_dit
+from dtr_jax.models.dit import DiT, DiTBlock, stack_blocks, unstack_blocks
 from dtr_jax.routing import model_tables, routing_table
 from torch_reference import TDiT, mae_pos_embed
 
@@ -343,7 +343,67 @@ def test_label_dropout(ref):
         fwd(params, xj, tj, yj, model=model, train=True)
 
 
-# ============================================================ 9. errors
+# ============================================================ 9. how the blocks run: scan, remat
+
+
+@pytest.mark.parametrize("kind", ["none", "dtr", "random"])
+def test_scanned_blocks_compute_the_same_model(ref, kind):
+    """scan_blocks runs the same blocks: stacked params give the per-block outputs (to
+    float rounding: XLA fuses a scanned body differently), and 'random' routing scans its
+    per-block tables along with the params. The layouts convert both ways exactly."""
+    _, params = ref
+    xj, tj, yj, _ = inputs(jax_layout=True)
+    tables = model_tables(kind, T, CFG["hidden_size"], CFG["depth"], seed=5)
+    stacked = stack_blocks(params)
+    assert "blocks_0" not in stacked
+    assert stacked["blocks"]["attn"]["qkv"]["kernel"].shape == (3, 64, 192)
+    got = fwd(stacked, xj, tj, yj, tables, model=small_dit(scan_blocks=True))
+    check_close(f"scan_{kind}", got, fwd(params, xj, tj, yj, tables), tol=1e-6)
+    back = unstack_blocks(stacked)
+    assert jax.tree.structure(back) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_stacked_layout_is_the_scanned_models_own():
+    """stack_blocks of a per-block init has the scanned model's tree, shapes and logical
+    axis names (a leading 'layers' axis), so shardings follow from either."""
+    xj, tj, yj, _ = inputs(jax_layout=True)
+    per_block = small_dit().init(jax.random.key(0), xj, tj, yj)["params"]
+    scanned = small_dit(scan_blocks=True).init(jax.random.key(0), xj, tj, yj)["params"]
+    stacked = stack_blocks(per_block)
+    assert jax.tree.map(jnp.shape, nn.unbox(stacked)) == jax.tree.map(jnp.shape, nn.unbox(scanned))
+    assert nn.get_partition_spec(stacked) == nn.get_partition_spec(scanned)
+    spec = nn.get_partition_spec(stacked)["blocks"]["mlp"]["fc1"]["kernel"]
+    assert tuple(spec) == ("layers", "embed", "mlp")
+    with pytest.raises(ValueError, match="blocks_0"):
+        stack_blocks({k: v for k, v in per_block.items() if k != "blocks_1"})
+
+
+@pytest.mark.parametrize("policy", [p for p in REMAT_POLICIES if p])
+@pytest.mark.parametrize("scan", [False, True])
+def test_remat_policies_keep_the_gradients(ref, policy, scan):
+    _, params = ref
+    xj, tj, yj, _ = inputs(jax_layout=True)
+    tables = model_tables("random", T, CFG["hidden_size"], CFG["depth"], seed=5)
+    params = stack_blocks(params) if scan else params
+
+    def grads(model):
+        def loss(p):
+            return jnp.mean(fwd(p, xj, tj, yj, tables, model=model) ** 2)
+
+        return jax.grad(loss)(params)
+
+    want = grads(small_dit(scan_blocks=scan))
+    got = grads(small_dit(scan_blocks=scan, remat_policy=policy))
+    for path, g in jax.tree_util.tree_leaves_with_path(got):
+        w = want
+        for key in path:
+            w = w[key.key]
+        check_close(f"remat_{policy}_{scan}{jax.tree_util.keystr(path)}", g, w, tol=1e-6)
+
+
+# ============================================================ 10. errors
 
 
 def test_invalid_routing_shape_raises(ref):
@@ -363,6 +423,22 @@ def test_invalid_routing_shape_raises(ref):
 def test_unknown_model_name_raises(name):
     with pytest.raises(ValueError, match="model.name"):
         create_dit(name)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"remat_policy": "sometimes"}, "model.remat_policy='sometimes' is unknown"),
+        ({"attention": "flash"}, "model.attention='flash' is unknown"),
+        ({"scan_blocks": 1}, "model.scan_blocks=1 must be True or False"),
+        # this suite runs on CPU: cuDNN attention is refused, naming the backend
+        ({"attention": "cudnn", "dtype": "bfloat16"}, "needs a GPU backend.*'cpu'"),
+        ({"attention": "cudnn"}, "model.attention='cudnn' needs dtype='bfloat16'"),
+    ],
+)
+def test_how_the_model_computes_is_validated(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        create_dit("DiT-S/2", **kwargs)
 
 
 def test_report_errors():

@@ -12,6 +12,7 @@ import pytest
 
 from dtr_jax import checkpoint, sharding, step, train
 from dtr_jax.config import ConfigError, load_config, validate
+from dtr_jax.models import dit
 from helpers import DIGITS, ROOT, read_scalars, tiny
 
 
@@ -61,6 +62,29 @@ def test_eight_devices_fsdp_match_one_device(tmp_path):
         [loss_eight[s] for s in range(1, 5)], [loss_one[s] for s in range(1, 5)], rtol=2e-5
     )
     for a, b in zip(leaves(eight.params), leaves(one.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_scanned_blocks_train_as_the_per_block_model(tmp_path):
+    """scan_blocks (+ remat) on an fsdp mesh: the same init, losses and trained params as
+    the per-block model, with per-block random tables scanned along."""
+    common = {"model.depth": 2, "model.routing.kind": "random", "mesh.data": 2, "mesh.fsdp": 2}
+    devices = jax.devices()[:4]
+    plain = train.train_and_evaluate(tiny(**common), str(tmp_path / "plain"), devices=devices)
+    scanned_config = tiny(
+        **common, **{"model.scan_blocks": True, "model.remat_policy": "nothing_saveable"}
+    )
+    scanned = train.train_and_evaluate(scanned_config, str(tmp_path / "scan"), devices=devices)
+    kernel = scanned.params["blocks"]["mlp"]["fc1"]["kernel"]
+    assert kernel.shape == (2, 32, 128)
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
+    losses = [read_scalars(tmp_path / d, "loss") for d in ("plain", "scan")]
+    assert sorted(losses[0]) == sorted(losses[1]) == [1, 2, 3, 4]
+    np.testing.assert_allclose(
+        [losses[1][s] for s in range(1, 5)], [losses[0][s] for s in range(1, 5)], rtol=1e-5
+    )
+    unstacked = dit.unstack_blocks(jax.device_get(scanned.params))
+    for a, b in zip(leaves(unstacked), leaves(plain.params), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
@@ -140,6 +164,8 @@ def test_workdir_that_cannot_be_created_is_refused(tmp_path):
         ({"data.name": "imagenet2077"}, "data.name"),
         ({"diffusion.schedule": "quadratic"}, "diffusion.schedule"),
         ({"model.dtype": "float8"}, "model.dtype"),
+        ({"model.remat_policy": "sometimes"}, "model.remat_policy"),
+        ({"model.attention": "cudnn", "model.dtype": "bfloat16"}, "model.attention"),
         ({"sample.labels": "3,12"}, "sample.labels"),
     ],
 )
@@ -159,7 +185,7 @@ def test_validation_reports_every_problem_at_once():
     [
         ("dit_s", {}),
         ("dit_b", {"model.dtype": "bfloat16"}),
-        ("dit_l", {"model.remat": True}),
+        ("dit_l", {"model.remat_policy": "nothing_saveable", "model.scan_blocks": True}),
         ("dit_xl", {}),
     ],
 )

@@ -1,12 +1,14 @@
 """Model registry: the twelve DiT sizes of the paper, by name ("DiT-B/2").
 
-`problems` checks a model section (name, dtype, sizes); `create_dit` builds one.
+`problems` checks a model section (name, dtype, sizes, how it computes);
+`create_dit` builds one.
 """
 
 from __future__ import annotations
 
 import types
 
+import jax
 import jax.numpy as jnp
 
 from dtr_jax.errors import choice_problems, integer_problems
@@ -18,6 +20,17 @@ PATCHES = (2, 4, 8)
 MODEL_NAMES = tuple(f"DiT-{s}/{p}" for s in SIZES for p in PATCHES)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ARCH_FIELDS = ("depth", "hidden_size", "num_heads", "patch_size")
+# '' = no rematerialisation; else a policy of jax.checkpoint_policies (what the backward keeps).
+REMAT_POLICIES = (
+    "",
+    "nothing_saveable",
+    "dots_saveable",
+    "dots_with_no_batch_dims_saveable",
+    "everything_saveable",
+)
+ATTENTION = ("xla", "cudnn")  # jax.nn.dot_product_attention implementations
+# How the model computes, not what it computes: DiT attributes that are no config "size".
+COMPUTE_FIELDS = ("remat_policy", "scan_blocks", "attention")
 
 
 def architecture(name: str, **overrides) -> dict:
@@ -38,8 +51,9 @@ def model_architecture(model_config) -> dict:
 
 
 def problems(m) -> list[str]:
-    """Problems with a model section (name, dtype, sizes), each naming its field."""
-    out = choice_problems("dtype", m.dtype, DTYPES)
+    """Problems with a model section (name, dtype, sizes, remat, scan, attention), each
+    naming its field."""
+    out = choice_problems("dtype", m.dtype, DTYPES) + _compute_problems(m)
     if not 0.0 <= m.class_dropout_prob <= 1.0:
         out.append(f"class_dropout_prob={m.class_dropout_prob!r} must lie in [0, 1]")
     if m.name not in MODEL_NAMES:
@@ -63,6 +77,25 @@ def problems(m) -> list[str]:
     return out
 
 
+def _compute_problems(m) -> list[str]:
+    """Problems with how a model section computes: remat policy, scan, attention kernel.
+    cuDNN attention needs a GPU backend and a 16-bit compute dtype (cuDNN's flash
+    attention has no float32 kernel)."""
+    out = choice_problems("remat_policy", m.remat_policy, REMAT_POLICIES)
+    if not isinstance(m.scan_blocks, bool):
+        out.append(f"scan_blocks={m.scan_blocks!r} must be True or False")
+    out += choice_problems("attention", m.attention, ATTENTION)
+    if m.attention == "cudnn":
+        if jax.default_backend() != "gpu":
+            out.append(
+                f"attention='cudnn' needs a GPU backend, and this process runs on "
+                f"{jax.default_backend()!r}: use 'xla'"
+            )
+        if m.dtype != "bfloat16":
+            out.append(f"attention='cudnn' needs dtype='bfloat16', not {m.dtype!r}")
+    return out
+
+
 def create_dit(
     name: str,
     *,
@@ -75,14 +108,14 @@ def create_dit(
 ) -> DiT:
     """A DiT of the named size; depth/hidden_size/num_heads/patch_size override it.
 
-    Remaining keyword arguments go to `DiT` (input_size, in_channels,
-    num_classes, class_dropout_prob, learn_sigma, mlp_ratio, remat).
+    Remaining keyword arguments go to `DiT` (input_size, in_channels, num_classes,
+    class_dropout_prob, learn_sigma, mlp_ratio, remat_policy, scan_blocks, attention).
     Invalid arguments raise ValueError naming each `model.<field>`.
     """
     arch = dict(depth=depth, hidden_size=hidden_size, num_heads=num_heads, patch_size=patch_size)
     fields = {
         f: kwargs.get(f, getattr(DiT, f))
-        for f in ("input_size", "in_channels", "num_classes", "class_dropout_prob")
+        for f in ("input_size", "in_channels", "num_classes", "class_dropout_prob") + COMPUTE_FIELDS
     }
     found = problems(types.SimpleNamespace(name=name, dtype=dtype, **arch, **fields))
     if found:
@@ -91,8 +124,11 @@ def create_dit(
 
 
 __all__ = [
+    "ATTENTION",
+    "COMPUTE_FIELDS",
     "DTYPES",
     "MODEL_NAMES",
+    "REMAT_POLICIES",
     "SIZES",
     "DiT",
     "architecture",

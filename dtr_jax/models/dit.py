@@ -24,6 +24,7 @@ import numpy as np
 from dtr_jax.routing import route
 
 Dtype = Any
+LAYERS = "layers"  # logical name of the stacked blocks' leading axis (scan_blocks)
 _xavier = nn.initializers.xavier_uniform()
 _zeros = nn.initializers.zeros_init()
 _normal = nn.initializers.normal(stddev=0.02)
@@ -111,6 +112,7 @@ class LabelEmbedder(nn.Module):
 class Attention(nn.Module):
     num_heads: int
     dtype: Dtype = jnp.float32
+    implementation: str = "xla"  # jax.nn.dot_product_attention's: 'xla' or 'cudnn' (GPU)
 
     @nn.compact
     def __call__(self, x):
@@ -118,7 +120,7 @@ class Attention(nn.Module):
         qkv = _dense(3 * d, ("embed", "qkv"), "qkv", self.dtype)(x)
         # PyTorch reshapes qkv to (B, N, 3, heads, head_dim).
         q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, self.num_heads, d // self.num_heads), 2, 0)
-        out = jax.nn.dot_product_attention(q, k, v)
+        out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
         return _dense(d, ("heads", "embed"), "proj", self.dtype)(out.reshape(b, n, d))
 
 
@@ -144,6 +146,7 @@ class DiTBlock(nn.Module):
     num_heads: int
     mlp_ratio: float = 4.0
     dtype: Dtype = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x, c, mask=None):
@@ -152,18 +155,20 @@ class DiTBlock(nn.Module):
             nn.silu(c)
         )
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
-        attn = Attention(self.num_heads, self.dtype, name="attn")
+        attn = Attention(self.num_heads, self.dtype, self.attention, name="attn")
         mlp = Mlp(int(d * self.mlp_ratio), self.dtype, name="mlp")
 
-        def block(h):
-            h = h + gate_msa[:, None] * attn(
+        def attn_branch(h):
+            return gate_msa[:, None] * attn(
                 modulate(_layer_norm(self.dtype)(h), shift_msa, scale_msa)
             )
-            return h + gate_mlp[:, None] * mlp(
+
+        def mlp_branch(h):
+            return gate_mlp[:, None] * mlp(
                 modulate(_layer_norm(self.dtype)(h), shift_mlp, scale_mlp)
             )
 
-        return route(block, x, mask)
+        return route((attn_branch, mlp_branch), x, mask)
 
 
 class FinalLayer(nn.Module):
@@ -216,7 +221,14 @@ class DiT(nn.Module):
       num_classes: number of labels (1 = unconditional); row num_classes is null.
       class_dropout_prob: label dropout in training (classifier-free guidance).
       dtype: compute dtype (e.g. bfloat16); parameters stay float32.
-      remat: rematerialise each block in the backward pass to save memory.
+      remat_policy: '' (keep every activation for the backward pass) or the name of a
+        `jax.checkpoint_policies` policy each block is rematerialised with
+        ('nothing_saveable' recomputes all of it; 'dots_with_no_batch_dims_saveable'
+        keeps the matmul outputs).
+      scan_blocks: run the blocks as one `nn.scan` (one compiled block instead of
+        `depth`): params live under `blocks` stacked along a leading depth axis
+        instead of `blocks_<i>` (`stack_blocks` / `unstack_blocks` convert).
+      attention: `jax.nn.dot_product_attention`'s implementation, 'xla' or 'cudnn'.
     """
 
     input_size: int = 32
@@ -230,7 +242,9 @@ class DiT(nn.Module):
     class_dropout_prob: float = 0.1
     learn_sigma: bool = True
     dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat_policy: str = ""
+    scan_blocks: bool = False
+    attention: str = "xla"
 
     @property
     def out_channels(self) -> int:
@@ -260,15 +274,43 @@ class DiT(nn.Module):
             name="y_embedder",
         )(y, train)
         masks = None if routing is None else self._gather_masks(routing, t)
-        block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
-        for i in range(self.depth):
-            mask = None if masks is None else masks[i % masks.shape[0]]
-            x = block_cls(
-                self.hidden_size, self.num_heads, self.mlp_ratio, self.dtype, name=f"blocks_{i}"
-            )(x, c, mask)
-            x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+        x = self._blocks(x, c, masks)
         x = FinalLayer(self.patch_size, self.out_channels, self.dtype, name="final_layer")(x, c)
         return self._unpatchify(x).astype(jnp.float32)
+
+    def _blocks(self, x, c, masks):
+        """The DiT blocks over the token stream x, unrolled or scanned."""
+        block_cls = DiTBlock
+        if self.remat_policy:
+            policy = getattr(jax.checkpoint_policies, self.remat_policy)
+            # prevent_cse guards the recompute against CSE; a scan body needs no guard.
+            block_cls = nn.remat(DiTBlock, policy=policy, prevent_cse=not self.scan_blocks)
+        args = (self.hidden_size, self.num_heads, self.mlp_ratio, self.dtype, self.attention)
+        if not self.scan_blocks:
+            for i in range(self.depth):
+                mask = None if masks is None else masks[i % masks.shape[0]]
+                x = block_cls(*args, name=f"blocks_{i}")(x, c, mask)
+                x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+            return x
+        # One table per block ('random') is scanned over with the params; a shared one
+        # ('dtr') and no routing are the same for every block.
+        per_block = masks is not None and masks.shape[0] > 1
+        masks = masks if masks is None or per_block else masks[0]
+
+        def body(block, x, c, mask):
+            x = block(x, c, mask)
+            return nn.with_logical_constraint(x, ("batch", "length", "act_embed")), None
+
+        scan = nn.scan(
+            body,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, 0 if per_block else nn.broadcast),
+            length=self.depth,
+            metadata_params={nn.PARTITION_NAME: LAYERS},
+        )
+        x, _ = scan(block_cls(*args, name="blocks"), x, c, masks)
+        return x
 
     def _gather_masks(self, routing, t):
         """(G, T, C) table -> (G, B, 1, C) masks in the compute dtype."""
@@ -304,3 +346,54 @@ class DiT(nn.Module):
         c = self.in_channels
         eps = uncond[..., :c] + cfg_scale * (cond[..., :c] - uncond[..., :c])
         return jnp.concatenate([eps, cond[..., c:]], axis=-1)
+
+
+# --- the two layouts of the blocks' params --------------------------------------------------
+
+
+def _block_names(params) -> list[str]:
+    names = [k for k in params if k.startswith("blocks_") and k[len("blocks_") :].isdigit()]
+    return sorted(names, key=lambda k: int(k[len("blocks_") :]))
+
+
+def _is_boxed(leaf) -> bool:
+    return isinstance(leaf, nn.Partitioned)
+
+
+def stack_blocks(params) -> dict:
+    """Per-block params (`blocks_0` .. `blocks_<depth-1>`) -> the `scan_blocks` layout:
+    one `blocks` subtree whose leaves carry a leading depth axis. Works on plain arrays
+    and on logically partitioned (boxed) params, whose leading axis gets the name LAYERS."""
+    names = _block_names(params)
+    if not names or names != [f"blocks_{i}" for i in range(len(names))]:
+        raise ValueError(f"expected params blocks_0 .. blocks_<depth-1>, found {names}")
+
+    def stack(*leaves):
+        if _is_boxed(leaves[0]):
+            value = jnp.stack([leaf.value for leaf in leaves])
+            return leaves[0].replace(value=value, names=(LAYERS, *leaves[0].names))
+        return jnp.stack(leaves)
+
+    out = {k: v for k, v in params.items() if k not in names}
+    out["blocks"] = jax.tree.map(stack, *(params[k] for k in names), is_leaf=_is_boxed)
+    return out
+
+
+def unstack_blocks(params) -> dict:
+    """The `scan_blocks` layout -> per-block params `blocks_<i>` (stack_blocks' inverse)."""
+    if "blocks" not in params:
+        raise ValueError("expected params with a stacked 'blocks' subtree")
+    stacked = params["blocks"]
+    depth = jax.tree.leaves(nn.unbox(stacked))[0].shape[0]
+
+    def take(i):
+        def leaf(x):
+            if _is_boxed(x):
+                return x.replace(value=x.value[i], names=x.names[1:])
+            return x[i]
+
+        return jax.tree.map(leaf, stacked, is_leaf=_is_boxed)
+
+    out = {k: v for k, v in params.items() if k != "blocks"}
+    out.update({f"blocks_{i}": take(i) for i in range(depth)})
+    return out
