@@ -254,11 +254,15 @@ def _model_fields(m) -> dict:
 
 
 def signature(config) -> dict:
-    """Everything that changes what a checkpoint's state means: the model spec, and the
-    timestep clusters the UW log-variances belong to."""
+    """Everything that changes what a checkpoint's state means: the model spec, the
+    timestep clusters the UW log-variances belong to, and, for `model.scan_blocks`, the
+    stacked layout of the block params (absent for the per-block layout)."""
     w = config.weighting
     uw = dict(num_clusters=int(w.num_clusters), clustering=str(w.clustering))
-    return dict(model_spec(config), uw=uw if w.kind == "uw" else None)
+    out = dict(model_spec(config), uw=uw if w.kind == "uw" else None)
+    if config.model.scan_blocks:
+        out["param_layout"] = "stacked blocks (model.scan_blocks=True)"
+    return out
 
 
 def flat_fields(config) -> dict:

@@ -47,6 +47,7 @@ from dtr_jax import files, inference, interop, routing, sharding
 from dtr_jax.diffusion import GaussianDiffusion, sampling_problems
 from dtr_jax.errors import ConfigError
 from dtr_jax.models import DiT
+from dtr_jax.models.dit import unstack_blocks
 
 FORMAT = "dtr_jax.export"
 FORMAT_VERSION = 1
@@ -130,7 +131,10 @@ def export(params, config, out_dir: str, tables=None, step: int | None = None) -
     """
     spec = spec_from_config(config, step, use_ema=config.export.use_ema)
     dm = inference.build(spec)
-    flat = {k: np.asarray(v, np.float32) for k, v in _flatten(_host(params)).items()}
+    params = _host(params)
+    if config.model.scan_blocks:  # exports hold the per-block layout (model.json has no scan)
+        params = unstack_blocks(params)
+    flat = {k: np.asarray(v, np.float32) for k, v in _flatten(params).items()}
     _check_params(flat, _param_shapes(dm), "params passed to export", "of the config")
     tables = _resolve_tables(tables, dm.tables, spec)
     if tables is not None:

@@ -40,6 +40,10 @@ class DiffusionModel:
         params = per_block.init(rng, *per_block.dummy_inputs())["params"]
         return stack_blocks(params) if self.model.scan_blocks else params
 
+    def from_per_block(self, params):
+        """Params in the per-block layout (exports, PyTorch files) -> this model's layout."""
+        return stack_blocks(params) if self.model.scan_blocks else params
+
     def abstract_params(self):
         """The boxed params as ShapeDtypeStructs (nothing allocated)."""
         return jax.eval_shape(self.init_params, jax.random.key(0))
@@ -149,7 +153,7 @@ def imported_params(config, mesh, use_ema: bool = True):
     dm = from_config(config)
     ckpt = interop.open_checkpoint(config.init_from)
     _, shardings = dm.param_layout(mesh)
-    params = sharding.from_host(ckpt.params(ema=use_ema), shardings)
+    params = sharding.from_host(dm.from_per_block(ckpt.params(ema=use_ema)), shardings)
     logging.info(
         "Read the %s params of %s: %s",
         "EMA" if use_ema else "raw",

@@ -107,18 +107,23 @@ def import_state(setup: TrainSetup, state: TrainState, shardings) -> TrainState:
     cfg, put = setup.config, sharding.from_host
     ckpt = interop.open_checkpoint(cfg.init_from)
     state = state.replace(
-        params=put(ckpt.params(ema=False), shardings.params),
-        ema_params=put(ckpt.params(ema=True), shardings.ema_params),
+        params=put(setup.dm.from_per_block(ckpt.params(ema=False)), shardings.params),
+        ema_params=put(setup.dm.from_per_block(ckpt.params(ema=True)), shardings.ema_params),
     )
     one = ckpt.state_dicts["ema"] is ckpt.state_dicts["model"]
     imported = ["params and EMA params (one set of weights)" if one else "params, EMA params"]
     fresh, unused = [], []
     adam, uw_adam = ckpt.adam()
+
+    def layout(moments):  # the AdamW moments, laid out as this model's params
+        mu, nu = setup.dm.from_per_block(moments.mu), setup.dm.from_per_block(moments.nu)
+        return dataclasses.replace(moments, mu=mu, nu=nu)
+
     if adam is None:
         fresh.append("AdamW state")
     else:
         state = state.replace(
-            opt_state=put(interop.with_adam(state.opt_state, adam), shardings.opt_state)
+            opt_state=put(interop.with_adam(state.opt_state, layout(adam)), shardings.opt_state)
         )
         imported.append(f"AdamW moments at step {adam.count} (there: {adam.settings})")
     log_vars = ckpt.uw_log_vars()

@@ -26,7 +26,8 @@ SLOW = float(os.environ.get("DTR_TEST_SLOW", "2"))
 
 
 def _announce(what: str) -> None:
-    print(f"FAULT: {what}", file=sys.stderr, flush=True)
+    sys.stderr.write(f"FAULT: {what}\n")  # one write: never interleaved with a log line
+    sys.stderr.flush()
     time.sleep(SLOW)
 
 

@@ -11,6 +11,7 @@ import json
 import os
 import pathlib
 import random
+import re
 import shutil
 import signal
 import socket
@@ -100,7 +101,8 @@ def test_kill_9_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path):
     ckpt = checkpoint.Checkpoints(str(workdir), read_only=True)
     assert ckpt.unfinished(), "the kill did not land inside a save"
     proc = start(workdir, fault="slow_commit", **KILLED)  # written, not yet committed
-    uncommitted = int(wait_for(proc, "FAULT: committing").split()[-1])
+    line = wait_for(proc, "FAULT: committing")
+    uncommitted = int(re.search(r"FAULT: committing (\d+)", line).group(1))
     kill9(proc)
     assert uncommitted not in checkpoint.Checkpoints(str(workdir), read_only=True).committed_steps()
 

@@ -25,7 +25,7 @@ from dtr_jax import config as config_lib
 from dtr_jax import export, inference, interop, modes, routing, sharding
 from dtr_jax import step as step_lib
 from dtr_jax.config import ConfigError, with_overrides
-from dtr_jax.models.dit import DiT
+from dtr_jax.models.dit import DiT, unstack_blocks
 from torch_reference import TDiT
 
 T, DEPTH, HIDDEN, CLASSES = 1000, 2, 32, 10
@@ -306,6 +306,36 @@ def test_training_starts_from_the_file_and_resumes_from_its_own_checkpoint(
     monkeypatch.setattr(step_lib, "import_state", no_import)
     resumed = modes.run("train", release_config(path, num_train_steps=3), workdir)
     assert int(resumed.step) == 3 and int(jax.device_get(resumed.opt_state[0].count)) == 5
+
+
+def test_a_scanned_model_imports_trains_and_exports_the_per_block_layout(release, tmp_path):
+    """model.scan_blocks stacks the block params: imports (params, EMA, AdamW moments) are
+    stacked to fit, exports unstacked back to the official layout, and a checkpoint of
+    one layout is refused by a config of the other."""
+    path, *_ = release
+    per_block = modes.run("train", release_config(path), str(tmp_path / "per_block"))
+    workdir = str(tmp_path / "scanned")
+    scan = {"model.scan_blocks": True}
+    scanned = modes.run("train", release_config(path, **scan), workdir)
+    assert scanned.params["blocks"]["attn"]["qkv"]["kernel"].shape[0] == DEPTH
+    unstacked = unstack_blocks(jax.device_get(scanned.opt_state[0].mu))
+    for a, b in zip(
+        jax.tree.leaves(unstacked), jax.tree.leaves(per_block.opt_state[0].mu), strict=True
+    ):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+    out = modes.run("export", release_config(path, **scan), workdir)
+    state = st_torch.load_file(os.path.join(out, "pytorch_model.safetensors"))
+    back = TDiT(**ARCH, tables=TABLES["dtr"]).eval()
+    back.load_state_dict(state, strict=True)
+    want = unstack_blocks(jax.device_get(scanned.ema_params))
+    x, t, y = inputs()
+    got = export.load(out).apply(x.transpose(0, 2, 3, 1), t, y)
+    model = inference.from_config(release_config(path)).model
+    expected = model.apply({"params": want}, x.transpose(0, 2, 3, 1), t, y, TABLES["dtr"])
+    assert_close(np.asarray(got), np.asarray(expected), tol=1e-6)
+    with pytest.raises(ConfigError, match="param_layout"):
+        modes.run("train", release_config(path, num_train_steps=3), workdir)
 
 
 def test_foreign_pickled_objects_become_inert_and_blocked_modules_are_refused(tmp_path):

@@ -372,7 +372,8 @@ def stack_blocks(params) -> dict:
         if _is_boxed(leaves[0]):
             value = jnp.stack([leaf.value for leaf in leaves])
             return leaves[0].replace(value=value, names=(LAYERS, *leaves[0].names))
-        return jnp.stack(leaves)
+        host = all(isinstance(leaf, np.ndarray) for leaf in leaves)
+        return np.stack(leaves) if host else jnp.stack(leaves)  # host arrays stay on the host
 
     out = {k: v for k, v in params.items() if k not in names}
     out["blocks"] = jax.tree.map(stack, *(params[k] for k in names), is_leaf=_is_boxed)
