@@ -117,6 +117,8 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "synthetic"  # ImageNet latents are on the roadmap (ROADMAP 3)
+    c.data.image_size = 256  # side of the ADM centre crop of photographs (folder, imagenet2012)
+    c.data.folder = ""  # 'folder': one sub-folder per class (ImageNet train/), or flat (FFHQ)
     c.data.flip = True  # random horizontal flips
     c.data.prefetch = 2  # batches prefetched to the devices
     c.data.num_threads = 2  # grain read threads per host
@@ -430,7 +432,7 @@ def _training_problems(c, num_devices: int) -> list[str]:
 def _data_problems(c) -> list[str]:
     d, m = c.data, c.model
     shape = (m.input_size, m.input_size, m.in_channels)
-    return _named("data", c, data.problems(d.name, shape, m.num_classes, d.prefetch, d.num_threads))
+    return _named("data", c, data.problems(d, shape, m.num_classes))
 
 
 def _eval_problems(c, sampling: bool) -> list[str]:

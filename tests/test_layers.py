@@ -36,6 +36,7 @@ LAYERS = [
             "dtr_jax.decoders",
             "dtr_jax.data",
             "dtr_jax.data.sources",
+            "dtr_jax.data.images",
             "dtr_jax.data.pipeline",
             "dtr_jax.sharding",
             "dtr_jax.checkpoint",
