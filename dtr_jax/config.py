@@ -119,6 +119,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.name = "synthetic"  # ImageNet latents are on the roadmap (ROADMAP 3)
     c.data.image_size = 256  # side of the ADM centre crop of photographs (folder, imagenet2012)
     c.data.folder = ""  # 'folder': one sub-folder per class (ImageNet train/), or flat (FFHQ)
+    c.data.tfds_data_dir = ""  # 'imagenet2012': TFDS data_dir ('' = TFDS's default)
+    # 'imagenet2012': the folder of ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar, from
+    # which --mode extract builds the TFDS dataset once if it is not built; '' = built already
+    c.data.manual_dir = ""
     c.data.flip = True  # random horizontal flips
     c.data.prefetch = 2  # batches prefetched to the devices
     c.data.num_threads = 2  # grain read threads per host

@@ -1,4 +1,4 @@
-"""Pixel sources: photographs centre-cropped as ADM does, from an image folder.
+"""Pixel sources: photographs centre-cropped as ADM does, from an image folder or from TFDS.
 
 Each reads uint8 (size, size, 3) images with int32 labels by index (its `images`), what
 `--mode extract` encodes with the VAE; registered in `SOURCES` with a `build` that scales
@@ -7,6 +7,9 @@ them to [-1, 1] for a pixel-space model (as the digits are):
   folder        `data.folder`: one sub-folder per class (ImageNet's train/ layout; labels
                 in the sorted order of the sub-folder names, images found at any depth
                 below them), or a flat folder of images, one class (FFHQ, CelebA-HQ).
+  imagenet2012  TFDS `imagenet2012` in `data.tfds_data_dir`, read by `tfds.data_source`
+                (ArrayRecord, no TensorFlow); `prepare_tfds` builds it once from the
+                manual download in `data.manual_dir` (that needs TensorFlow).
 
 Image files are read with PIL on local disks (or mounted buckets); `center_crop` is the
 one place images are cropped.
@@ -157,6 +160,99 @@ def _folder_holds(d) -> tuple[tuple[int, int, int], int]:
     return (d.image_size, d.image_size, 3), max(len(class_folders(d.folder)), 1)
 
 
+# --- TFDS ------------------------------------------------------------------------------------
+
+
+class TfdsImages:
+    """A TFDS image classification dataset (features `image`, `label`) read as
+    `tfds.data_source` reads it: ArrayRecord, random access, no TensorFlow. Nothing is
+    downloaded."""
+
+    def __init__(self, name: str, split: str, data_dir: str, size: int):
+        import tensorflow_datasets as tfds
+
+        self.size = size
+        builder = tfds.builder(name, data_dir=data_dir or None)
+        try:
+            self.data = builder.as_data_source(split)
+        except (NotImplementedError, AssertionError, KeyError, ValueError, OSError) as e:
+            where = f"data.tfds_data_dir={data_dir!r}" if data_dir else "TFDS's default data_dir"
+            raise ConfigError(
+                [
+                    f"the TFDS dataset {name!r} (split {split!r}) is not built as array_record "
+                    f"in {where} ({type(e).__name__}: {str(e).splitlines()[0]}): set "
+                    "data.manual_dir to the folder of the manual download and --mode extract "
+                    "builds it (README: Training on ImageNet)"
+                ]
+            ) from None
+        self.num_classes = builder.info.features["label"].num_classes
+        self.fingerprint = f"tfds:{name}/{builder.version}:{split}:{len(self.data)}"
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> dict:
+        example = self.data[index]
+        pixels = center_crop(Image.fromarray(np.asarray(example["image"])), self.size)
+        return {"image": pixels, "label": np.int32(example["label"])}
+
+
+def prepare_tfds(name: str, data_dir: str, manual_dir: str) -> bool:
+    """Builds the TFDS dataset `name` as ArrayRecord into `data_dir` ('' = TFDS's default)
+    from the manual download in `manual_dir`, unless it is built already; True if it built
+    it. Needs TensorFlow; a few hours for ImageNet, on one process."""
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(name, data_dir=data_dir or None, file_format="array_record")
+    if builder.is_prepared():
+        return False
+    try:
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
+        )
+    except Exception as e:  # TFDS and TensorFlow raise many kinds for missing or bad files
+        first = (str(e).splitlines() or [""])[0]
+        raise ConfigError(
+            [f"data.manual_dir={manual_dir!r}: cannot build {name} ({type(e).__name__}: {first})"]
+        ) from e
+    return True
+
+
+def _tfds_problems(d) -> list[str]:
+    out = integer_problems("image_size", d.image_size)
+    if d.manual_dir and not os.path.isdir(d.manual_dir):
+        out.append(f"manual_dir={d.manual_dir!r}: no such folder")
+    elif d.tfds_data_dir and not d.manual_dir and not os.path.isdir(d.tfds_data_dir):
+        out.append(
+            f"tfds_data_dir={d.tfds_data_dir!r}: no such folder (set data.manual_dir to "
+            "build the dataset there from the manual download)"
+        )
+    return out
+
+
+def tfds_source(name: str, num_classes: int) -> Source:
+    """The Source of the TFDS dataset `name`, read from `data.tfds_data_dir`."""
+
+    def images(config, split: str) -> TfdsImages:
+        d = config.data
+        return TfdsImages(name, split, d.tfds_data_dir, d.image_size)
+
+    def holds(d):
+        return (d.image_size, d.image_size, 3), num_classes
+
+    def prepare(config) -> None:
+        if config.data.manual_dir:
+            prepare_tfds(name, config.data.tfds_data_dir, config.data.manual_dir)
+
+    return Source(
+        build=_scaled(images),
+        images=images,
+        prepare=prepare,
+        problems=_tfds_problems,
+        holds=holds,
+    )
+
+
 def _scaled(images: Callable) -> Callable:
     return lambda config, split: ModelScale(images(config, split))
 
@@ -165,3 +261,4 @@ SOURCES.register(
     "folder",
     Source(build=_scaled(_folder), images=_folder, problems=_folder_problems, holds=_folder_holds),
 )
+SOURCES.register("imagenet2012", tfds_source("imagenet2012", 1000))
