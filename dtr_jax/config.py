@@ -117,6 +117,9 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "synthetic"  # ImageNet latents are on the roadmap (ROADMAP 3)
+    # The extracted latents: written by --mode extract, read by data.name='latents'. A local
+    # folder (or mounted bucket) on every host.
+    c.data.dir = ""
     c.data.image_size = 256  # side of the ADM centre crop of photographs (folder, imagenet2012)
     c.data.folder = ""  # 'folder': one sub-folder per class (ImageNet train/), or flat (FFHQ)
     c.data.tfds_data_dir = ""  # 'imagenet2012': TFDS data_dir ('' = TFDS's default)

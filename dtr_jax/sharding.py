@@ -112,6 +112,22 @@ def put_batch(x: np.ndarray, mesh: Mesh) -> jax.Array:
     return jax.make_array_from_callback(padded.shape, batch_sharding(mesh), lambda i: padded[i])
 
 
+def process_block(batch: NamedSharding, batch_size: int) -> int:
+    """Which of process_count equal blocks of consecutive rows of a global batch of
+    `batch_size` this process's devices hold under `batch`; the data pipeline reads that
+    block alone. Raises ValueError where the mesh gives a process anything else."""
+    index_map = batch.addressable_devices_indices_map((batch_size,))
+    rows = sorted({r for index in index_map.values() for r in range(batch_size)[index[0]]})
+    size = batch_size // jax.process_count()
+    block = rows[0] // size
+    if rows != list(range(block * size, (block + 1) * size)):
+        raise ValueError(
+            f"process {jax.process_index()} holds rows {rows} of a global batch of {batch_size}: "
+            "the mesh must give each process one block of consecutive rows"
+        )
+    return block
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

@@ -37,6 +37,7 @@ LAYERS = [
             "dtr_jax.data",
             "dtr_jax.data.sources",
             "dtr_jax.data.images",
+            "dtr_jax.data.latents",
             "dtr_jax.data.pipeline",
             "dtr_jax.sharding",
             "dtr_jax.checkpoint",
