@@ -128,6 +128,12 @@ def process_block(batch: NamedSharding, batch_size: int) -> int:
     return block
 
 
+def host_rows(x: jax.Array, mesh: Mesh) -> np.ndarray:
+    """This process's rows of a global batch array (split over the batch shards), in the
+    order `jax.make_array_from_process_local_data` took them from it."""
+    return np.asarray(multihost_utils.global_array_to_host_local_array(x, mesh, P(BATCH)))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
@@ -181,6 +187,13 @@ def all_hosts_agree(ok: bool) -> bool:
     if jax.process_count() == 1:
         return ok
     return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+
+
+def max_over_hosts(n: int) -> int:
+    """The largest of every process's `n` (a collective with several processes)."""
+    if jax.process_count() == 1:
+        return n
+    return int(np.max(multihost_utils.process_allgather(np.asarray(n))))
 
 
 def sync_hosts(name: str) -> None:
