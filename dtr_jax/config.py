@@ -119,10 +119,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.mesh.fsdp = 1
 
     c.data = ml_collections.ConfigDict()
-    c.data.name = "synthetic"  # ImageNet latents are on the roadmap (ROADMAP 3)
+    # 'latents' (extracted by --mode extract into data.dir), 'folder', 'imagenet2012' (photos
+    # in [-1, 1]), 'digits', or 'synthetic' (random latents, for shape and memory checks)
+    c.data.name = "latents"
     # The extracted latents: written by --mode extract, read by data.name='latents'. A local
-    # folder (or mounted bucket) on every host.
-    c.data.dir = ""
+    # folder (or mounted bucket) on every host; this default is a placeholder to override.
+    c.data.dir = "/mnt/disks/data/imagenet256_latents"
     c.data.image_size = 256  # side of the ADM centre crop of photographs (folder, imagenet2012)
     c.data.folder = ""  # 'folder': one sub-folder per class (ImageNet train/), or flat (FFHQ)
     c.data.tfds_data_dir = ""  # 'imagenet2012': TFDS data_dir ('' = TFDS's default)
