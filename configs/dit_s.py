@@ -9,15 +9,23 @@
 | forward cost per image | 6.06 GMACs |
 | optimizer | AdamW, lr 1e-4 constant, weight decay 0, EMA 0.9999 |
 | batch / steps | 256 / 400K |
-| input | 32x32x4 latents (256x256 through the SD VAE), 1000 classes, flips |
+| input | ImageNet train: ADM crop to 256, flips, SD VAE latents x0.18215 (32x32x4), 1000 classes |
 | diffusion | linear schedule, T = 1000, learned sigma, hybrid loss |
 | routing | DTR, beta 0.8, alpha 4 |
 | sampling | 250 DDPM steps, guidance 1.5 |
 | paper FID-50K (DiT -> DiT + DTR) | 44.28 -> 37.43 |
 
-Every row but the size is `default_config()`'s. The ImageNet latent source is on the
-roadmap: until it lands the run reads random latents of the right shape
-(`data.name=synthetic`), enough to check shapes, sharding and memory.
+Every row but the size is `default_config()`'s. The run reads the ImageNet latents that
+`--mode extract` writes once into `data.dir` (README: Training on ImageNet):
+
+  python -m dtr_jax.main --config configs/dit_s.py --mode extract \
+    --config.data.manual_dir=TARS --config.vae.path=vaes/sd-vae-ft-ema --config.data.dir=LATENTS
+  python -m dtr_jax.main --config configs/dit_s.py --workdir WORKDIR --config.data.dir=LATENTS
+
+Samples stay latents (`sample.decoder='latents'`) unless `--config.sample.decoder=sd_vae
+--config.vae.path=...` decodes them (training then needs the VAE too, for its image grid).
+`--config.data.name=synthetic` trains on random latents of the right shape: enough to
+check shapes, sharding and memory.
 """
 
 from dtr_jax.config import default_config

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import shlex
 
 import ml_collections
 import numpy as np
@@ -31,10 +32,12 @@ from dtr_jax import (
     sharding,
     weighting,
 )
+from dtr_jax.data import latents
 from dtr_jax.errors import ConfigError, integer_problems, prefixed, raise_problems
 from dtr_jax.models import DiT, create_dit, model_architecture
+from dtr_jax.models import vae as vae_lib
 
-MODES = ("train", "sample", "evaluate", "export")
+MODES = ("train", "sample", "evaluate", "export", "extract")
 
 __all__ = [
     "MODES",
@@ -121,10 +124,27 @@ def default_config() -> ml_collections.ConfigDict:
     c.mesh.fsdp = 1
 
     c.data = ml_collections.ConfigDict()
-    c.data.name = "synthetic"  # ImageNet latents are on the roadmap (ROADMAP 3)
+    # 'latents' (extracted by --mode extract into data.dir), 'folder', 'imagenet2012' (photos
+    # in [-1, 1]), 'digits', or 'synthetic' (random latents, for shape and memory checks)
+    c.data.name = "latents"
+    # The extracted latents: written by --mode extract, read by data.name='latents'. A local
+    # folder (or mounted bucket) on every host; this default is a placeholder to override.
+    c.data.dir = "/mnt/disks/data/imagenet256_latents"
+    c.data.image_size = 256  # side of the ADM centre crop of photographs (folder, imagenet2012)
+    c.data.folder = ""  # 'folder': one sub-folder per class (ImageNet train/), or flat (FFHQ)
+    c.data.tfds_data_dir = ""  # 'imagenet2012': TFDS data_dir ('' = TFDS's default)
+    # 'imagenet2012': the folder of ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar, from
+    # which --mode extract builds the TFDS dataset once if it is not built; '' = built already
+    c.data.manual_dir = ""
     c.data.flip = True  # random horizontal flips
     c.data.prefetch = 2  # batches prefetched to the devices
-    c.data.num_threads = 2  # grain read threads per host
+    c.data.num_threads = 2  # grain read threads per host (image decoding in --mode extract)
+
+    c.extract = ml_collections.ConfigDict()  # --mode extract: photographs -> latents in data.dir
+    c.extract.source = "imagenet2012"  # the photographs: 'imagenet2012' or 'folder' (data.*)
+    c.extract.split = "train"  # of a TFDS source
+    c.extract.images_per_shard = 10_000  # images per ArrayRecord shard (the unit of resumption)
+    c.extract.dtype = "float16"  # of the stored moments: 'float16' or 'float32' (README)
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.max_to_keep = 3
@@ -303,9 +323,11 @@ def validate(config, num_devices: int, mode: str = "train") -> None:
     if mode in ("train", "sample") or (mode == "evaluate" and not c.eval.samples):
         found += _decoder_problems(c)
     if mode == "train":
-        found += _training_problems(c, num_devices)
-    if mode in ("train", "evaluate"):
-        found += _data_problems(c)
+        found += _training_problems(c, num_devices) + _data_problems(c)
+    if mode == "evaluate":  # the data's name selects its evaluators; nothing is read
+        found += _named("data", c, data.SOURCES.problems(c.data.name))
+    if mode == "extract":
+        found += _extraction_problems(c, num_devices)
     if mode == "evaluate" or (mode == "train" and c.eval_every_steps):
         found += _eval_problems(c, sampling=mode == "train" or not c.eval.samples)
     raise_problems(found)
@@ -444,8 +466,57 @@ def _training_problems(c, num_devices: int) -> list[str]:
 
 def _data_problems(c) -> list[str]:
     d, m = c.data, c.model
+    if d.name == "latents":
+        missing = latents.extraction_problem(d.dir)
+        if missing:
+            how = "--mode extract makes them (and finishes an unfinished extraction)"
+            return [f"data.{missing}: {how}:\n      {extract_command(c)}"]
     shape = (m.input_size, m.input_size, m.in_channels)
-    return _named("data", c, data.problems(d.name, shape, m.num_classes, d.prefetch, d.num_threads))
+    return _named("data", c, data.problems(d, shape, m.num_classes))
+
+
+def _extraction_problems(c, num_devices: int) -> list[str]:
+    """--mode extract: the photographs (extract.source and its data fields), where the
+    latents go (data.dir), the VAE and its batch."""
+    x, d, v = c.extract, c.data, c.vae
+    found = _named("extract", c, latents.extract_problems(x))
+    if not found:
+        src = data.SOURCES.get(x.source)
+        found += _named("data", c, src.problems(d) if src.problems else [])
+    found += _named("data", c, latents.output_problems(d.dir))
+    found += _named("vae", c, vae_lib.problems(v.path, v.batch_size))
+    return found + sharding.batch_problems(
+        "vae.batch_size", v.batch_size, c.mesh.data, c.mesh.fsdp, num_devices
+    )
+
+
+def extract_command(c) -> str:
+    """The command line of `--mode extract` that writes the latents `c` reads (data.dir):
+    the fields it reads, with a <placeholder> where one is unset. Outside dtr_jax.main the
+    config file is named CONFIG."""
+    d, x = c.data, c.extract
+    fields = {"data.dir": d.dir, "extract.source": x.source}
+    if x.source == "folder":
+        fields["data.folder"] = d.folder or "<image folder>"
+    elif not (d.tfds_data_dir or d.manual_dir):
+        fields["data.manual_dir"] = "<folder of ILSVRC2012_img_train.tar and _val.tar>"
+    else:
+        fields.update({f"data.{k}": d[k] for k in ("tfds_data_dir", "manual_dir") if d[k]})
+    if d.image_size != default_config().data.image_size:
+        fields["data.image_size"] = d.image_size
+    fields["vae.path"] = c.vae.path or "<SD VAE folder>"
+    flags = " ".join(f"--config.{k}={shlex.quote(str(v))}" for k, v in fields.items())
+    return f"python -m dtr_jax.main --config {_config_file()} --mode extract {flags}"
+
+
+def _config_file() -> str:
+    """The --config file of this command line (CONFIG where there is none)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    if flags.FLAGS.is_parsed() and "config" in flags.FLAGS:
+        return config_flags.get_config_filename(flags.FLAGS["config"])
+    return "CONFIG"
 
 
 def _eval_problems(c, sampling: bool) -> list[str]:

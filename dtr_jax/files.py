@@ -29,16 +29,24 @@ def identity(path: str) -> dict:
     return {"path": str(full), "size": int(stat.length), "mtime": int(stat.mtime)}
 
 
+TMP_INFIX = ".tmp-"  # temporary siblings are named .<name>.tmp-<pid>
+
+
+def tmp_sibling(path: str) -> epath.Path:
+    """The temporary sibling this process writes before it replaces `path` by a rename."""
+    path = epath.Path(path)
+    return path.parent / f".{path.name}{TMP_INFIX}{os.getpid()}"
+
+
 @contextlib.contextmanager
 def open_atomically(path: str):
     """A binary file that replaces `path` only once it is completely written and closed
     (a temporary sibling, then a rename): `path` is never left half written."""
-    path = epath.Path(path)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp = tmp_sibling(path)
     try:
         with tmp.open("wb") as f:
             yield f
-        tmp.replace(path)
+        tmp.replace(epath.Path(path))
     finally:
         if tmp.exists():
             tmp.unlink()

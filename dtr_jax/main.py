@@ -1,5 +1,7 @@
 """Entry point: python -m dtr_jax.main --config configs/X.py --workdir DIR [--mode ...].
 
+`--mode extract` writes the latents of the data into `data.dir` and takes no workdir.
+
 Fields of the config file are overridden with --config.field=value. Anticipated
 failures (dtr_jax.errors) print one `dtr_jax: ...` message and exit with their own
 code; `--verbose` adds the traceback.
@@ -17,7 +19,12 @@ config_flags.DEFINE_config_file("config", None, "Config file with get_config()."
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and outputs.")
 flags.DEFINE_enum("mode", "train", modes.MODES, "What to do.")
 flags.DEFINE_bool("verbose", False, "Print tracebacks of anticipated errors too.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flag_as_required("config")
+flags.register_multi_flags_validator(
+    ["mode", "workdir"],
+    lambda f: f["mode"] == "extract" or f["workdir"] is not None,
+    message="--workdir must be given (every --mode but extract)",
+)
 
 
 def main(argv):

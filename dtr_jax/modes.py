@@ -29,6 +29,8 @@ def run(mode: str, config, workdir: str):
         from dtr_jax.evaluate import evaluate_mode as fn
     elif mode == "export":
         from dtr_jax.export import export_mode as fn
+    elif mode == "extract":
+        from dtr_jax.extract import extract_mode as fn
     else:
         raise ValueError(f"--mode={mode!r} is unknown: allowed {', '.join(MODES)}")
     return fn(config, workdir)

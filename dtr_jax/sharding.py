@@ -113,6 +113,28 @@ def put_batch(x: np.ndarray, mesh: Mesh) -> jax.Array:
     return jax.make_array_from_callback(padded.shape, batch_sharding(mesh), lambda i: padded[i])
 
 
+def process_block(batch: NamedSharding, batch_size: int) -> int:
+    """Which of process_count equal blocks of consecutive rows of a global batch of
+    `batch_size` this process's devices hold under `batch`; the data pipeline reads that
+    block alone. Raises ValueError where the mesh gives a process anything else."""
+    index_map = batch.addressable_devices_indices_map((batch_size,))
+    rows = sorted({r for index in index_map.values() for r in range(batch_size)[index[0]]})
+    size = batch_size // jax.process_count()
+    block = rows[0] // size
+    if rows != list(range(block * size, (block + 1) * size)):
+        raise ValueError(
+            f"process {jax.process_index()} holds rows {rows} of a global batch of {batch_size}: "
+            "the mesh must give each process one block of consecutive rows"
+        )
+    return block
+
+
+def host_rows(x: jax.Array, mesh: Mesh) -> np.ndarray:
+    """This process's rows of a global batch array (split over the batch shards), in the
+    order `jax.make_array_from_process_local_data` took them from it."""
+    return np.asarray(multihost_utils.global_array_to_host_local_array(x, mesh, P(BATCH)))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
@@ -174,6 +196,13 @@ def from_process_0(x: np.ndarray) -> np.ndarray:
     if jax.process_count() == 1:
         return x
     return np.asarray(multihost_utils.broadcast_one_to_all(x))
+
+
+def max_over_hosts(n: int) -> int:
+    """The largest of every process's `n` (a collective with several processes)."""
+    if jax.process_count() == 1:
+        return n
+    return int(np.max(multihost_utils.process_allgather(np.asarray(n))))
 
 
 def sync_hosts(name: str) -> None:

@@ -151,16 +151,33 @@ def import_state(setup: TrainSetup, state: TrainState, shardings) -> TrainState:
     return state
 
 
+LATENT_STREAM = 1  # fold_in of a step's key: the draws of latents from stored posteriors
+
+
+def model_inputs(batch: dict, num_classes: int, rng: jax.Array):
+    """(x0, labels) of a global batch. x0 is `image`, or, for extracted latents, a draw
+    `mean + std * noise` from the VAE posterior (float32). A model of one class
+    (unconditional) sees label 0 whatever the data's labels."""
+    if "image" in batch:
+        x0 = batch["image"]
+    else:
+        mean, std = batch["mean"].astype(jnp.float32), batch["std"].astype(jnp.float32)
+        x0 = mean + std * jax.random.normal(rng, mean.shape, jnp.float32)
+    y = batch["label"] if num_classes > 1 else jnp.zeros_like(batch["label"])
+    return x0, y
+
+
 def train_step(setup: TrainSetup, state: TrainState, batch: dict, tables):
     """One optimiser step on a global batch: (new state, metrics kept on device).
 
-    The timesteps, the noise and the label dropout of step k depend only on
-    (seed, k), so a resumed run repeats an uninterrupted one exactly.
+    The timesteps, the noise, the label dropout and the latent draws of step k depend
+    only on (seed, k), so a resumed run repeats an uninterrupted one exactly.
     """
     cfg, dm = setup.config, setup.dm
     rng = jax.random.fold_in(jax.random.key(cfg.seed), state.step)
     t_rng, noise_rng, drop_rng = jax.random.split(rng, 3)
-    x0, y = batch["image"], batch["label"]
+    latent_rng = jax.random.fold_in(rng, LATENT_STREAM)  # t, noise and dropout stay as they were
+    x0, y = model_inputs(batch, dm.model.num_classes, latent_rng)
     stratified = setup.boundaries if setup.uses_uw else None
     t = weighting.sample_timesteps(t_rng, x0.shape[0], dm.diffusion.num_timesteps, stratified)
     noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
@@ -222,7 +239,7 @@ def jit_train_step(setup: TrainSetup, mesh, shardings):
     rep = sharding.replicated(mesh)
     return jax.jit(
         functools.partial(train_step, setup),
-        in_shardings=(shardings, {"image": batch, "label": batch}, rep),
+        in_shardings=(shardings, batch, rep),  # every array of the batch split alike
         out_shardings=(shardings, rep),
         donate_argnums=(0,),
     )

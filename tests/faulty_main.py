@@ -8,7 +8,10 @@ knows nothing of it):
                  to stderr: a kill then lands inside an unfinished save;
   slow_commit    every commit record waits likewise after 'FAULT: committing <step>':
                  a kill then leaves a complete but uncommitted step;
-  enospc:<step>  writing checkpoint <step> fails with ENOSPC, as on a full disk.
+  enospc:<step>  writing checkpoint <step> fails with ENOSPC, as on a full disk;
+  slow_shard:<name>  `--mode extract` waits likewise before the last record of the shard
+                 file <name>, after 'FAULT: completing <name>': a kill then leaves it
+                 unfinished.
 """
 
 import errno
@@ -20,6 +23,7 @@ import time
 from orbax.checkpoint._src.handlers import json_checkpoint_handler
 
 from dtr_jax import checkpoint, main
+from dtr_jax.data import latents
 
 FAULT = os.environ.get("DTR_TEST_FAULT", "")
 SLOW = float(os.environ.get("DTR_TEST_SLOW", "2"))
@@ -56,9 +60,20 @@ def _slow_commit(self):
     return _commit(self)
 
 
+_write_record = latents.ShardWriter.write
+
+
+def _slow_last_record(self, record):
+    if self.left == 1 and FAULT == f"slow_shard:{self.path.name}":
+        _announce(f"completing {self.path.name}")
+    return _write_record(self, record)
+
+
 json_checkpoint_handler.JsonCheckpointHandler._save_fn = _faulty_save_meta
 if FAULT == "slow_commit":
     checkpoint.Checkpoints._commit_previous = _slow_commit
+if FAULT.startswith("slow_shard:"):
+    latents.ShardWriter.write = _slow_last_record
 
 if __name__ == "__main__":
     main.run()

@@ -36,6 +36,8 @@ LAYERS = [
             "dtr_jax.decoders",
             "dtr_jax.data",
             "dtr_jax.data.sources",
+            "dtr_jax.data.images",
+            "dtr_jax.data.latents",
             "dtr_jax.data.pipeline",
             "dtr_jax.sharding",
             "dtr_jax.npz",
@@ -47,7 +49,7 @@ LAYERS = [
     ),
     ("config", ["dtr_jax.config"]),
     ("inference", ["dtr_jax.inference"]),
-    ("modes", ["dtr_jax.sample", "dtr_jax.evaluate", "dtr_jax.export"]),
+    ("modes", ["dtr_jax.sample", "dtr_jax.evaluate", "dtr_jax.export", "dtr_jax.extract"]),
     ("training", ["dtr_jax.step", "dtr_jax.train"]),
     ("entry points", ["dtr_jax.modes", "dtr_jax.main", "dtr_jax.study"]),
 ]

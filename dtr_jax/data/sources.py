@@ -1,12 +1,16 @@
 """Random-access data sources, registered by name (`data.name`).
 
-A source is a sequence of examples `{"image": float32 HWC, "label": int32}`
-already in the model's input scale (pixels in [-1, 1], or scaled latents), so
-the train step never cares which it holds. grain reads them by index.
+A source is a sequence of examples the train step reads, already in the model's input
+scale: `{"image": float32 HWC, "label": int32}` (pixels in [-1, 1], or scaled latents),
+or, for latents extracted with their VAE posterior (`dtr_jax.data.latents`),
+`{"moments": (2, 2, H, W, C), "label": int32}`: the mean and std of the image and of its
+mirror image, from which the step draws a latent. grain reads them by index.
 
-A new dataset is one `SOURCES.register(name, Source(...))`: how to build it,
-the image shape and classes it holds (checked against the model before anything
-compiles), and the evaluators it offers by default (`eval.metrics=''`).
+A new dataset is one `SOURCES.register(name, Source(...))`: how to build it, the shape
+and classes it holds (checked against the model before anything compiles), the
+problems of the data fields it reads, the evaluators it offers by default
+(`eval.metrics=''`) and, for photographs, the uint8 images `--mode extract` encodes.
+Pixel sources live in `images.py`, the extracted latents in `latents.py`.
 """
 
 from __future__ import annotations
@@ -27,14 +31,27 @@ class Source:
     """A registered dataset.
 
     build: fn(config, split) -> a sequence of examples.
-    image_shape / num_classes: what the data holds (None: whatever the model says).
+    image_shape / num_classes: what the data holds (None: whatever the model says), or
+      `holds`: fn(data section) -> (image_shape, num_classes), for data that says itself.
     metrics: names of the evaluators (`dtr_jax.evaluators`) used when eval.metrics=''.
+    problems: fn(data section) -> problems with the data fields the source reads.
+    images: fn(config, split) -> uint8 (H, W, 3) images and labels, for photographs
+      (what `--mode extract` encodes); None for other data.
+    prepare: fn(config) that makes `images` readable (builds the dataset), or None.
     """
 
     build: Callable
     image_shape: tuple[int, int, int] | None = None
     num_classes: int | None = None
     metrics: tuple[str, ...] = ()
+    holds: Callable | None = None
+    problems: Callable | None = None
+    images: Callable | None = None
+    prepare: Callable | None = None
+
+    def shape_and_classes(self, d) -> tuple[tuple[int, int, int] | None, int | None]:
+        """(image shape, classes) of the data the `data` section `d` names."""
+        return self.holds(d) if self.holds else (self.image_shape, self.num_classes)
 
 
 SOURCES: Registry[Source] = Registry("data.name")
@@ -110,25 +127,30 @@ def get_source(config, split: str = "train"):
     return SOURCES.get(config.data.name).build(config, split)
 
 
-def problems(
-    name: str, image_shape, num_classes: int, prefetch: int, num_threads: int
-) -> list[str]:
-    """Problems with a data section for a model of `image_shape` (H, W, C) and `num_classes`.
-
-    Each names its field; a source that does not fit the model names the model fields.
-    """
-    out = SOURCES.problems(name)
+def problems(d, image_shape, num_classes: int) -> list[str]:
+    """Problems with a data section `d` for a model of `image_shape` (H, W, C) and
+    `num_classes`. Each names its field; a source that does not fit the model names the
+    model fields."""
+    out = SOURCES.problems(d.name)
     if not out:
-        src = SOURCES.get(name)
-        shape_ok = src.image_shape in (None, tuple(image_shape))
-        classes_ok = src.num_classes is None or num_classes in (1, src.num_classes)
-        if not (shape_ok and classes_ok):
-            h, w, c = src.image_shape or image_shape
-            out.append(
-                f"name={name!r} holds {h}x{w}x{c} images of {src.num_classes} classes: set "
-                f"model.input_size={h}, model.in_channels={c}, model.num_classes="
-                f"{src.num_classes} (or 1) (got {tuple(image_shape)}, {num_classes} classes)"
-            )
-    if prefetch < 0 or num_threads < 0:
-        out.append(f"prefetch={prefetch} and data.num_threads={num_threads} must be >= 0")
+        src = SOURCES.get(d.name)
+        out = src.problems(d) if src.problems else []
+        if not out:
+            out = _fit_problems(d.name, src.shape_and_classes(d), image_shape, num_classes)
+    if d.prefetch < 0 or d.num_threads < 0:
+        out.append(f"prefetch={d.prefetch} and data.num_threads={d.num_threads} must be >= 0")
     return out
+
+
+def _fit_problems(name: str, holds, image_shape, num_classes: int) -> list[str]:
+    shape, classes = holds
+    shape_ok = shape in (None, tuple(image_shape))
+    classes_ok = classes is None or num_classes in (1, classes)
+    if shape_ok and classes_ok:
+        return []
+    h, w, c = shape or image_shape
+    return [
+        f"name={name!r} holds {h}x{w}x{c} inputs of {classes} classes: set "
+        f"model.input_size={h}, model.in_channels={c}, model.num_classes="
+        f"{classes} (or 1) (got {tuple(image_shape)}, {num_classes} classes)"
+    ]
