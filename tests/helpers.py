@@ -2,9 +2,13 @@
 
 import os
 import pathlib
+import signal
 import sys
 
+import numpy as np
+
 from dtr_jax.config import load_config
+from dtr_jax.models import inception
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "configs" / "digits.py")
@@ -109,3 +113,37 @@ def random_vae(folder):
     )
     model.save_pretrained(str(folder))
     return str(folder)
+
+
+FAULTY_MAIN = ROOT / "tests" / "faulty_main.py"  # the CLI with an injected fault
+
+
+def wait_for(proc, pattern: str) -> str:
+    """Reads the process's stderr until a line contains `pattern`; returns that line."""
+    for line in proc.stderr:
+        if pattern in line:
+            return line
+    raise AssertionError(f"{pattern!r} never appeared (exit {proc.wait()})")
+
+
+def kill9(proc):
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+
+
+def random_inception_weights(path):
+    """A pytorch-fid-shaped state dict of random weights, saved as .npz: He-initialised
+    convolutions and BatchNorm of scale about 1, so that the features depend on the images."""
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for key, shape in inception.expected_torch_shapes().items():
+        if key.endswith("running_var") or key.endswith("bn.weight"):  # keeps the scale
+            arrays[key] = rng.uniform(0.5, 1.5, shape).astype(np.float32)
+        elif key.endswith("weight") and len(shape) == 4:
+            fan_in = int(np.prod(shape[1:]))
+            arrays[key] = (rng.standard_normal(shape) * np.sqrt(2 / fan_in)).astype(np.float32)
+        else:
+            arrays[key] = (rng.standard_normal(shape) * 0.05).astype(np.float32)
+    np.savez(path, **arrays)
+    return str(path)

@@ -12,7 +12,7 @@ from dtr_jax.data.sources import digits_split
 from dtr_jax.errors import InputFileError
 from dtr_jax.models import inception
 from dtr_jax.modes import run
-from helpers import read_scalars, tiny
+from helpers import random_inception_weights, read_scalars, tiny
 
 
 def _npz(path, images, labels=None):
@@ -73,29 +73,12 @@ def test_wrong_npz_contents_are_refused(tmp_path):
         run("evaluate", _eval_config(samples=str(tmp_path / "x.npz")), str(tmp_path))
 
 
-def _random_inception_weights(path):
-    """A pytorch-fid-shaped state dict of random weights, saved as .npz: He-initialised
-    convolutions and BatchNorm of scale about 1, so that the features depend on the images."""
-    rng = np.random.default_rng(0)
-    arrays = {}
-    for key, shape in inception.expected_torch_shapes().items():
-        if key.endswith("running_var") or key.endswith("bn.weight"):  # keeps the scale
-            arrays[key] = rng.uniform(0.5, 1.5, shape).astype(np.float32)
-        elif key.endswith("weight") and len(shape) == 4:
-            fan_in = int(np.prod(shape[1:]))
-            arrays[key] = (rng.standard_normal(shape) * np.sqrt(2 / fan_in)).astype(np.float32)
-        else:
-            arrays[key] = (rng.standard_normal(shape) * 0.05).astype(np.float32)
-    np.savez(path, **arrays)
-    return str(path)
-
-
 def test_inception_metrics_end_to_end(tmp_path):
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
     samples = _npz(tmp_path / "s.npz", images)
     reference = _npz(tmp_path / "r.npz", images)
-    weights = _random_inception_weights(tmp_path / "fid_inception.npz")
+    weights = random_inception_weights(tmp_path / "fid_inception.npz")
     config = _eval_config(samples=samples, reference=reference, inception_weights=weights)
     config.data.name = "synthetic"  # no digits metrics: Inception only
     results = run("evaluate", config, str(tmp_path))
@@ -132,7 +115,7 @@ def _inception_setup(tmp_path, reference_arrays=None):
     config = _eval_config(
         samples=_npz(tmp_path / "samples.npz", images),
         reference=str(tmp_path / "ref.npz"),
-        inception_weights=_random_inception_weights(tmp_path / "fid_inception.npz"),
+        inception_weights=random_inception_weights(tmp_path / "fid_inception.npz"),
         batch_size=8,
     )
     config.data.name = "synthetic"  # no digits metrics: Inception only

@@ -21,15 +21,26 @@ import numpy as np
 import portpicker
 import pytest
 from PIL import Image
-from test_evaluate import _random_inception_weights
-from test_faults import FAULTY_MAIN, kill9, wait_for
 
 from dtr_jax import modes, step, train
 from dtr_jax.config import ConfigError, load_config, validate
 from dtr_jax.data import images, latents
 from dtr_jax.data.pipeline import host_batches
 from dtr_jax.models import vae as vae_lib
-from helpers import DIGITS, ROOT, cli_command, cli_env, photo_folder, random_vae, read_scalars, tiny
+from helpers import (
+    DIGITS,
+    FAULTY_MAIN,
+    ROOT,
+    cli_command,
+    cli_env,
+    kill9,
+    photo_folder,
+    random_inception_weights,
+    random_vae,
+    read_scalars,
+    tiny,
+    wait_for,
+)
 
 ONE = jax.devices()[:1]
 MULTIPROCESS = pathlib.Path(__file__).with_name("multiprocess_data.py")
@@ -335,7 +346,7 @@ def test_photos_to_evaluated_samples_through_the_cli(inputs, tmp_path):
         **{
             "eval.samples": str(samples),
             "eval.reference": str(tmp_path / "reference.npz"),
-            "eval.inception_weights": _random_inception_weights(tmp_path / "inception.npz"),
+            "eval.inception_weights": random_inception_weights(tmp_path / "inception.npz"),
             "eval.batch_size": 6,
         },
     )

@@ -13,7 +13,6 @@ import pathlib
 import random
 import re
 import shutil
-import signal
 import socket
 import subprocess
 
@@ -30,9 +29,8 @@ from dtr_jax.errors import (
     WorkdirError,
     WorkdirLocked,
 )
-from helpers import DIGITS, cli_command, cli_env, tiny
+from helpers import DIGITS, FAULTY_MAIN, cli_command, cli_env, kill9, tiny, wait_for
 
-FAULTY_MAIN = pathlib.Path(__file__).with_name("faulty_main.py")
 ONE = jax.devices()[:1]
 
 
@@ -64,20 +62,6 @@ def start(workdir, fault=None, **overrides):
     cmd = cli_command(workdir, "train", script=script, **overrides)
     env = cli_env(DTR_TEST_FAULT=fault or "", DTR_TEST_SLOW="3")
     return subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for(proc, pattern: str) -> str:
-    """Reads the process's stderr until a line contains `pattern`; returns that line."""
-    for line in proc.stderr:
-        if pattern in line:
-            return line
-    raise AssertionError(f"{pattern!r} never appeared (exit {proc.wait()})")
-
-
-def kill9(proc):
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
 
 
 # --- kill -9 at random moments, inside saves, then resume ------------------------------
