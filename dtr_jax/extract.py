@@ -16,9 +16,7 @@ it is; one of other photographs, VAE, image size, dtype or shard size is refused
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import time
 
 import grain
 import jax
@@ -34,6 +32,7 @@ from dtr_jax.data import latents
 from dtr_jax.data.pipeline import prefetch
 from dtr_jax.errors import ConfigError
 from dtr_jax.models import vae as vae_lib
+from dtr_jax.progress import Progress
 
 LOG_EVERY_SECS = 30.0
 
@@ -225,13 +224,9 @@ class Extraction:
             pixels = jax.make_array_from_process_local_data(sharded, batch["image"])
             return batch, self.encode(self.params, pixels)
 
-        progress = functools.partial(_progress, start=time.perf_counter(), total=self.todo)
-        done, logged = 0, time.perf_counter()
+        progress = Progress("extracted on this process", self.todo, every_secs=LOG_EVERY_SECS)
         for batch, moments in prefetch(map(dispatch, self.rows.to_iter_dataset(self.read)), 1):
-            done += self._write(batch, sharding.host_rows(moments, self.mesh))
-            if time.perf_counter() - logged >= LOG_EVERY_SECS or done == self.todo:
-                progress(done)
-                logged = time.perf_counter()
+            progress.add(self._write(batch, sharding.host_rows(moments, self.mesh)))
 
     def _write(self, batch: dict, moments: np.ndarray) -> int:
         """Stores the batch's images (blanks aside) in their shards; returns how many."""
@@ -248,18 +243,3 @@ class Extraction:
                 logging.info("Wrote %s", self.writers.pop(shard).path)
             stored += 1
         return stored
-
-
-def _progress(done: int, start: float, total: int) -> None:
-    elapsed = time.perf_counter() - start
-    rate = done / max(elapsed, 1e-9)
-    eta = (total - done) / max(rate, 1e-9)
-    logging.info(
-        "extracted %d/%d images on this process (%.1f images/s, ETA %dh%02dm%02ds)",
-        done,
-        total,
-        rate,
-        eta // 3600,
-        eta % 3600 // 60,
-        eta % 60,
-    )

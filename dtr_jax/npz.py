@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-import time
 import zipfile
 from collections.abc import Callable, Sequence
 
@@ -25,6 +24,7 @@ from absl import logging
 
 from dtr_jax import files, sharding
 from dtr_jax.errors import InputFileError
+from dtr_jax.progress import Progress
 
 # A zip member's local file header (signature ... file name length, extra field length).
 _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")
@@ -146,12 +146,11 @@ class Parts:
         done = self.done()
         if self.directory is not None and done.any():
             logging.info("%s: %d of %d parts already done", self.directory, done.sum(), len(done))
-        total, finished = sum(rows), sum(r for r, d in zip(rows, done, strict=True) if d)
-        start, resumed_at = time.perf_counter(), finished
+        finished = sum(r for r, d in zip(rows, done, strict=True) if d)
+        progress = Progress(what, sum(rows), done=finished)
         for i in np.flatnonzero(~done):
             self._store(i, compute(int(i)))
-            finished += rows[i]
-            _progress(what, finished, total, finished - resumed_at, start)
+            progress.add(rows[i])
         if self.directory is not None:  # every part written is readable on every host
             sharding.sync_hosts(f"parts {self.directory}")
 
@@ -183,12 +182,3 @@ class Parts:
         """Deletes the parts' directory (process 0), once what they made is safely written."""
         if self.directory is not None and jax.process_index() == 0:
             files.remove_tree(str(self.directory))
-
-
-def _progress(what: str, done: int, total: int, new: int, start: float) -> None:
-    """Logs done/total with the rate of this run (`new` rows since `start`) and the ETA."""
-    rate = new / max(time.perf_counter() - start, 1e-9)
-    eta = (total - done) / max(rate, 1e-9)
-    logging.info(
-        "%s %d/%d (%.1f images/s, ETA %dm%02ds)", what, done, total, rate, eta // 60, eta % 60
-    )

@@ -18,7 +18,10 @@ from helpers import ROOT
 PACKAGE = ROOT / "dtr_jax"
 
 LAYERS = [
-    ("foundations", ["dtr_jax", "dtr_jax.errors", "dtr_jax.files", "dtr_jax.registry"]),
+    (
+        "foundations",
+        ["dtr_jax", "dtr_jax.errors", "dtr_jax.files", "dtr_jax.progress", "dtr_jax.registry"],
+    ),
     (
         "components",
         [

@@ -101,3 +101,22 @@ def test_parts_without_a_directory_stay_in_memory():
     parts.fill(_compute(calls), [2, 2, 2], "done")
     assert calls == [0, 1, 2] and parts.concatenated("x")[0].shape == (6, 3)
     assert parts.done().all()
+
+
+def test_progress_counts_only_this_runs_work_and_throttles_to_the_end(monkeypatch):
+    from dtr_jax import progress as progress_lib
+
+    clock, lines = [100.0], []
+    monkeypatch.setattr(progress_lib.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(progress_lib.logging, "info", lambda fmt, *a: lines.append(fmt % a))
+    progress = progress_lib.Progress("sampled", total=100, done=40, every_secs=10)
+    clock[0] += 5
+    progress.add(10)  # 5 s since the start: below every_secs, nothing logged
+    clock[0] += 5
+    progress.add(10)  # 20 new rows in 10 s: 2/s, 40 left
+    clock[0] += 1
+    progress.add(40)  # the end is always logged
+    assert lines == [
+        "sampled 60/100 (2.0 images/s, ETA 0h00m20s)",
+        "sampled 100/100 (5.5 images/s, ETA 0h00m00s)",
+    ]
