@@ -161,6 +161,26 @@ def device_limit_gib() -> float | None:
     return _memory_stat("bytes_limit")
 
 
+def add_row_options(parser, kinds: str, meshes_example: str) -> None:
+    """The options train_step and sample share: which rows to build (routing kinds,
+    meshes, config variants, PyTorch rows) and the MFU ceiling."""
+    parser.add_argument("--config", default="configs/digits.py")
+    parser.add_argument("--kinds", default=kinds)
+    parser.add_argument(
+        "--meshes", default="", help=f"data x fsdp, e.g. {meshes_example}; all = every split"
+    )
+    parser.add_argument("--set", action="append", default=[], help="field=value override")
+    parser.add_argument("--vary", action="append", default=[], help="field=v1,v2: rows per value")
+    parser.add_argument(
+        "--ceiling",
+        type=int,
+        default=None,
+        help="matmul size of the MFU ceiling (0 = none; default 8192, CPU 1024)",
+    )
+    parser.add_argument("--torch", default="", help="add PyTorch rows: eager,compiled")
+    parser.add_argument("--torch-kinds", default="dtr")
+
+
 def parse_value(text: str, current):
     """A command-line value in the type of the field it overrides (bool: true/false)."""
     if isinstance(current, bool):

@@ -137,23 +137,11 @@ def report(rows: list[Row], times: dict, ceiling: float | None, batch: int) -> s
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="configs/digits.py")
+    common.add_row_options(parser, kinds="none,dtr", meshes_example="8x1,4x2")
     parser.add_argument("--batch", type=int, default=8, help="images per call (global)")
     parser.add_argument("--num-steps", type=int, default=250)
     parser.add_argument("--cfg-scale", type=float, default=None, help="default: the config's")
-    parser.add_argument("--kinds", default="none,dtr")
-    parser.add_argument("--meshes", default="", help="data x fsdp, e.g. 8x1,4x2; all = every split")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--set", action="append", default=[], help="field=value override")
-    parser.add_argument("--vary", action="append", default=[], help="field=v1,v2: rows per value")
-    parser.add_argument(
-        "--ceiling",
-        type=int,
-        default=None,
-        help="matmul size of the MFU ceiling (0 = none; default 8192, CPU 1024)",
-    )
-    parser.add_argument("--torch", default="", help="add PyTorch rows: eager,compiled")
-    parser.add_argument("--torch-kinds", default="dtr")
     args = parser.parse_args(argv)
     if args.torch:
         common.share_device_with_torch()

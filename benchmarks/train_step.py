@@ -305,24 +305,10 @@ def compile_report(rows: list[Row]) -> str:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="configs/digits.py")
+    common.add_row_options(parser, kinds="none,dtr,random", meshes_example="8x1,4x2,1x8")
     parser.add_argument("--batch", type=int, default=None, help="global batch size")
-    parser.add_argument("--kinds", default="none,dtr,random")
-    parser.add_argument(
-        "--meshes", default="", help="data x fsdp, e.g. 8x1,4x2,1x8; all = every split"
-    )
     parser.add_argument("--steps", type=int, default=10, help="steps per round")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--set", action="append", default=[], help="field=value override")
-    parser.add_argument("--vary", action="append", default=[], help="field=v1,v2: rows per value")
-    parser.add_argument(
-        "--ceiling",
-        type=int,
-        default=None,
-        help="matmul size of the MFU ceiling (0 = none; default 8192, CPU 1024)",
-    )
-    parser.add_argument("--torch", default="", help="add PyTorch rows: eager,compiled")
-    parser.add_argument("--torch-kinds", default="dtr")
     parser.add_argument(
         "--compile-only",
         action="store_true",

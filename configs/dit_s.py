@@ -15,17 +15,9 @@
 | sampling | 250 DDPM steps, guidance 1.5 |
 | paper FID-50K (DiT -> DiT + DTR) | 44.28 -> 37.43 |
 
-Every row but the size is `default_config()`'s. The run reads the ImageNet latents that
-`--mode extract` writes once into `data.dir` (README: Training on ImageNet):
-
-  python -m dtr_jax.main --config configs/dit_s.py --mode extract \
-    --config.data.manual_dir=TARS --config.vae.path=vaes/sd-vae-ft-ema --config.data.dir=LATENTS
-  python -m dtr_jax.main --config configs/dit_s.py --workdir WORKDIR --config.data.dir=LATENTS
-
-Samples stay latents (`sample.decoder='latents'`) unless `--config.sample.decoder=sd_vae
---config.vae.path=...` decodes them (training then needs the VAE too, for its image grid).
-`--config.data.name=synthetic` trains on random latents of the right shape: enough to
-check shapes, sharding and memory.
+Every row but the size is `default_config()`'s. The run reads the latents `--mode
+extract` writes once (README: Training on ImageNet); `--config.data.name=synthetic`
+trains on random latents of the right shape, to check shapes, sharding and memory.
 """
 
 from dtr_jax.config import default_config

@@ -2,18 +2,22 @@
 dtr_jax, and every script run for a tiny step with only a bare accelerator host's packages
 importable. No timing is asserted."""
 
+import importlib
 import os
 import re
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
 from benchmarks import common, torch_step
+from dtr_jax.config import load_config, model_spec
 from dtr_jax.diffusion import GaussianDiffusion
+from dtr_jax.inference import build
 from dtr_jax.models import create_dit
 from helpers import ROOT, tiny
 
@@ -25,6 +29,36 @@ def test_forward_macs_match_spec(name, gmacs):
     model = create_dit(name, input_size=32, in_channels=4, num_classes=1000)
     assert common.forward_macs(model) / 1e9 == pytest.approx(gmacs, rel=2e-3)
     assert common.train_flops(model, 256) == 6 * 256 * common.forward_macs(model)
+
+
+@pytest.mark.parametrize("size", ["s", "b", "l", "xl"])
+def test_paper_configs_state_their_own_model(size):
+    """The hyperparameter table in configs/dit_<size>.py describes the config it documents."""
+    path = ROOT / "configs" / f"dit_{size}.py"
+    config = load_config(str(path))
+    doc = importlib.import_module(f"configs.dit_{size}").__doc__
+    row = dict(re.findall(r"^\| ([^|]+?) \| ([^|]+?) \|$", doc, re.M))
+    inference = build(model_spec(config))
+    model, params = inference.model, inference.abstract_params()
+    arch = (model.depth, model.hidden_size, model.num_heads, model.patch_size)
+    assert row["depth / hidden / heads / patch"] == " / ".join(map(str, arch))
+    assert f"| {config.model.name} |" in doc and f"configs/dit_{size}.py" in doc
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    assert row["parameters"] == f"{round(n / 1e6)}M"
+    gmacs = float(row["forward cost per image"].removesuffix(" GMACs"))
+    assert common.forward_macs(model) / 1e9 == pytest.approx(gmacs, abs=0.05)
+    r, o = config.model.routing, config.optimizer
+    assert row["routing"] == f"DTR, beta {r.beta}, alpha {r.alpha:g}" and r.kind == "dtr"
+    assert row["batch / steps"] == f"{config.global_batch_size} / {config.num_train_steps // 1000}K"
+    lr, wd, ema = re.fullmatch(
+        r"AdamW, lr (\S+) constant, weight decay (\S+), EMA (\S+)", row["optimizer"]
+    ).groups()
+    assert (float(lr), float(wd), float(ema)) == (o.learning_rate, o.weight_decay, o.ema_decay)
+    assert o.warmup_steps == 0  # "constant"
+    d = config.diffusion
+    assert row["diffusion"].startswith(f"{d.schedule} schedule, T = {d.num_timesteps},")
+    sampling = f"{config.sample.num_steps} DDPM steps, guidance {config.sample.cfg_scale}"
+    assert row["sampling"] == sampling
 
 
 def test_torch_counterpart_computes_dtr_jax_losses_and_sampler_steps():
