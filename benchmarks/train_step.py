@@ -30,7 +30,7 @@ from benchmarks import common
 from benchmarks.matmul import default_size, matmul_tflops
 from dtr_jax import inference, sharding
 from dtr_jax import step as step_lib
-from dtr_jax.config import validate
+from dtr_jax.config import validate, with_overrides
 from dtr_jax.models import architecture, model_architecture
 
 
@@ -63,7 +63,8 @@ class JaxStep:
         data, fsdp = mesh_shape
         config.mesh.data, config.mesh.fsdp = data, fsdp
         devices = jax.devices()[: data * fsdp]
-        validate(config, len(devices), mode="train")
+        # the step is fed a device-resident synthetic batch: the config's data is not read
+        validate(with_overrides(config, **{"data.name": "synthetic"}), len(devices), mode="train")
         self.setup = step_lib.create_setup(config)
         self.mesh = sharding.make_mesh(config.mesh, devices)
         abstract, shardings = step_lib.state_layout(self.setup, self.mesh)

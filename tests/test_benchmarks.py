@@ -161,8 +161,13 @@ def test_jax_benchmarks_run_without_tensorflow_clu_grain_sklearn_or_torch():
         + ["--meshes", "2x1,1x2", "--steps", "2", "--rounds", "1", "--ceiling", "64"],
         ["benchmarks.sample", *TINY, "--batch", "4", "--num-steps", "2", "--kinds", "dtr"]
         + ["--rounds", "1", "--ceiling", "0"],
+        # a paper config as run_all.sh runs it (its ImageNet latents are not needed)
+        ["benchmarks.train_step", "--config", "configs/dit_xl.py", "--batch", "2", "--kinds"]
+        + ["dtr", "--set", "model.depth=1", "--set", "model.dtype=bfloat16", "--compile-only"]
+        + ["--meshes", "1x1"],
     ]
-    matmul, train, sampling = run_blocked(runs, BARE_HOST_LACKS + ["torch"])
+    matmul, train, sampling, xl = run_blocked(runs, BARE_HOST_LACKS + ["torch"])
+    assert [r[1:5] for r in table_rows(xl, "-")] == [["1x1", "dtr", "2", "bfloat16"]]
     assert re.search(r"\| 64\^3 \| float32 \| [\d.]+ \| [\d.]+ \|", matmul)
     rows = table_rows(train, "jax")
     assert [(r[2], r[3]) for r in rows] == [("2x1", "none"), ("2x1", "dtr")] + [
