@@ -168,7 +168,7 @@ def test_jax_benchmarks_run_without_tensorflow_clu_grain_sklearn_or_torch():
     ]
     matmul, train, sampling, xl = run_blocked(runs, BARE_HOST_LACKS + ["torch"])
     assert [r[1:5] for r in table_rows(xl, "-")] == [["1x1", "dtr", "2", "bfloat16"]]
-    assert re.search(r"\| 64\^3 \| float32 \| [\d.]+ \| [\d.]+ \|", matmul)
+    assert re.search(r"\| jax \| 64\^3 \| float32 \| [\d.]+ \| [\d.]+ \|", matmul)
     rows = table_rows(train, "jax")
     assert [(r[2], r[3]) for r in rows] == [("2x1", "none"), ("2x1", "dtr")] + [
         ("1x2", "none"),
@@ -190,8 +190,11 @@ def test_torch_counterpart_runs_without_tensorflow_clu_grain_or_sklearn():
         + ["--steps", "1", "--rounds", "1"],
         ["benchmarks.sample", *TINY, "--batch", "2", "--num-steps", "2", "--kinds", "dtr"]
         + ["--rounds", "1", "--ceiling", "0", "--torch", "eager"],
+        ["benchmarks.matmul", "--size", "64", "--rounds", "1", "--torch"],
     ]
-    train, sampling = run_blocked(runs, BARE_HOST_LACKS)
+    train, sampling, matmul = run_blocked(runs, BARE_HOST_LACKS)
+    frameworks = [row[:3] for row in table_rows(matmul, "jax") + table_rows(matmul, "torch")]
+    assert frameworks == [["jax", "64^3", "float32"], ["torch", "64^3", "float32"]]
     for out, images_per_s in ((train, 9), (sampling, 10)):
         rows = table_rows(out, "torch eager")
         assert len(rows) == 1 and float(rows[0][images_per_s]) > 0
