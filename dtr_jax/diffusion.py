@@ -183,7 +183,6 @@ class GaussianDiffusion:
             alphas_cumprod_prev=ac_prev,
             sqrt_alphas_cumprod=np.sqrt(ac),
             sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - ac),
-            log_one_minus_alphas_cumprod=np.log(1.0 - ac),
             sqrt_recip_alphas_cumprod=np.sqrt(1.0 / ac),
             sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / ac - 1.0),
             log_betas=np.log(betas),
@@ -241,14 +240,6 @@ class GaussianDiffusion:
         return len(self.betas)
 
     # ---------------------------------------------------------------- forward process
-
-    def q_mean_variance(self, x_start, t):
-        """q(x_t | x_0): (mean, variance, log_variance)."""
-        return (
-            _extract(self.sqrt_alphas_cumprod, t, x_start) * x_start,
-            _extract(1.0 - self.alphas_cumprod, t, x_start),
-            _extract(self.log_one_minus_alphas_cumprod, t, x_start),
-        )
 
     def q_sample(self, x_start, t, noise):
         """Sample x_t ~ q(x_t | x_0) with the given noise."""

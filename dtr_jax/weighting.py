@@ -87,14 +87,6 @@ def interval_clustering(log_snr: np.ndarray, num_clusters: int) -> np.ndarray:
     return np.asarray(bounds[::-1], dtype=np.int64)
 
 
-def total_cost(log_snr: np.ndarray, boundaries: np.ndarray) -> float:
-    """Sum of interval_cost over the intervals given by ``boundaries``."""
-    return sum(
-        interval_cost(log_snr, int(a), int(b))
-        for a, b in zip(boundaries[:-1], boundaries[1:], strict=True)
-    )
-
-
 def cluster_boundaries(
     clustering: str, alphas_cumprod: np.ndarray, num_clusters: int
 ) -> np.ndarray:
@@ -146,17 +138,12 @@ def cluster_sums(per_sample: jax.Array, cluster_ids: jax.Array, num_clusters: in
     return onehot.T @ per_sample, onehot.sum(axis=0)
 
 
-def _uw_objective(sums: jax.Array, counts: jax.Array, log_vars: jax.Array):
-    """sum_k 0.5 (exp(-s_k) L_k / K + s_k) with L_k the cluster means; (loss, L (K,))."""
+def uw_objective(sums: jax.Array, counts: jax.Array, log_vars: jax.Array):
+    """ANT uncertainty weighting, sum_k 0.5 (exp(-s_k) L_k / K + s_k), from the loss sums
+    and sample counts per cluster (`cluster_sums`); (loss, the cluster means L (K,))."""
     means = sums / jnp.maximum(counts, 1.0)
     loss = jnp.sum(0.5 * (jnp.exp(-log_vars) * means / log_vars.shape[0] + log_vars))
     return loss, means
-
-
-def uw_loss(per_sample_loss: jax.Array, cluster_ids: jax.Array, log_vars: jax.Array):
-    """ANT uncertainty weighting: sum_k 0.5 (exp(-s_k) L_k / K + s_k); returns (loss, L (K,))."""
-    sums, counts = cluster_sums(per_sample_loss, cluster_ids, log_vars.shape[0])
-    return _uw_objective(sums, counts, log_vars)
 
 
 def combine(
@@ -186,8 +173,7 @@ def combine(
         sums, counts = cluster_sums(mse + vb, cluster_index(t, boundaries), len(boundaries) - 1)
         aux = {"cluster_loss_sum": sums, "cluster_count": counts}
     if kind == "uw":
-        loss, aux["cluster_loss"] = _uw_objective(sums, counts, log_vars)
-        return loss, aux
+        return uw_objective(sums, counts, log_vars)[0], aux
     snr_t = jnp.asarray(snr_table, dtype=mse.dtype)[t]
     w = mse_weight(kind, snr_t, gamma=gamma, k=k)
     return jnp.mean(w * mse + vb), aux
