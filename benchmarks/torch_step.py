@@ -312,6 +312,8 @@ class SampleRunner:
 
 
 def main(argv=None):
+    # The PyTorch-only command reuses the rows and tables of train_step and sample, which
+    # import this module (lazily, for their --torch rows): imported here, not at the top.
     from benchmarks import common, sample, train_step
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -33,7 +33,13 @@ from dtr_jax import (
     weighting,
 )
 from dtr_jax.data import latents
-from dtr_jax.errors import ConfigError, integer_problems, prefixed, raise_problems
+from dtr_jax.errors import (
+    ConfigError,
+    choice_problems,
+    integer_problems,
+    prefixed,
+    raise_problems,
+)
 from dtr_jax.models import DiT, create_dit, model_architecture
 from dtr_jax.models import vae as vae_lib
 
@@ -302,8 +308,7 @@ def validate(config, num_devices: int, mode: str = "train") -> None:
     training adds the loop, optimizer, weighting, data and checkpoint fields;
     evaluation adds the evaluators and their files.
     """
-    if mode not in MODES:
-        raise ConfigError([f"--mode={mode!r} is unknown: allowed {list(MODES)}"])
+    raise_problems(choice_problems("--mode", mode, MODES))
     c = config
     m, r = c.model, c.model.routing
     found = _named("model", c, models.problems(m))

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging as std_logging
 import os
 import sys
@@ -12,28 +13,26 @@ import traceback
 from absl import flags, logging
 
 from dtr_jax import config as config_lib
-from dtr_jax.errors import ConfigError, DtrError
+from dtr_jax.errors import ConfigError, DtrError, choice_problems
 
+# What each --mode runs ("module:function", of config and workdir). Imported on demand:
+# training pulls in clu, grain and TensorBoard's writer, which the other modes never use.
+ENTRIES = {
+    "train": "dtr_jax.train:train_and_evaluate",
+    "sample": "dtr_jax.sample:sample_mode",
+    "evaluate": "dtr_jax.evaluate:evaluate_mode",
+    "export": "dtr_jax.export:export_mode",
+    "extract": "dtr_jax.extract:extract_mode",
+}
 MODES = config_lib.MODES
 
 
 def run(mode: str, config, workdir: str):
     """Runs `--mode` on `config` and `workdir`; returns what the mode returns."""
-    # Imported on demand: training pulls in clu, grain and TensorBoard's writer, which the
-    # other modes never use.
-    if mode == "train":
-        from dtr_jax.train import train_and_evaluate as fn
-    elif mode == "sample":
-        from dtr_jax.sample import sample_mode as fn
-    elif mode == "evaluate":
-        from dtr_jax.evaluate import evaluate_mode as fn
-    elif mode == "export":
-        from dtr_jax.export import export_mode as fn
-    elif mode == "extract":
-        from dtr_jax.extract import extract_mode as fn
-    else:
-        raise ValueError(f"--mode={mode!r} is unknown: allowed {', '.join(MODES)}")
-    return fn(config, workdir)
+    if mode not in ENTRIES:
+        raise ConfigError(choice_problems("--mode", mode, MODES))
+    module, function = ENTRIES[mode].split(":")
+    return getattr(importlib.import_module(module), function)(config, workdir)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -3,7 +3,8 @@
 Each iteration runs the step on the next global batch (under a transfer guard:
 the hot path never moves data between host and device implicitly), then the
 periodic actions: log, sample grid, evaluation, checkpoint, progress, profile.
-Each is due every N steps of its config field and at the last step (`due`).
+Ours are due every N steps of their config field and at the last step (`due`);
+clu's progress report and profiler keep their own schedules.
 Metrics stay on device until the log action fetches an interval of them at once.
 A run resumes from WORKDIR's latest checkpoint exactly where it stopped.
 """

@@ -101,6 +101,36 @@ def test_imports_point_down(name):
     )
 
 
+def import_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of `graph` (module -> modules it imports), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node):
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt) :] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        state[node] = 2
+        path.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_no_import_cycles_even_within_a_layer():
+    graph = {name: imported(path, name) for name, path in package_modules().items()}
+    cycle = import_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+    assert import_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
 def test_the_checker_sees_lazy_and_relative_imports(tmp_path):
     source = tmp_path / "mod.py"
     source.write_text(
@@ -119,3 +149,14 @@ def test_the_train_step_needs_no_tensorflow_clu_or_grain():
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_every_mode_runs_a_function_that_exists():
+    import importlib
+
+    from dtr_jax import config, modes
+
+    assert tuple(modes.ENTRIES) == config.MODES
+    for entry in modes.ENTRIES.values():
+        module, function = entry.split(":")
+        assert callable(getattr(importlib.import_module(module), function)), entry

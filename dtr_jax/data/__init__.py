@@ -2,7 +2,8 @@
 `latents`) and the sharded grain pipeline (`pipeline`).
 
 The package exports the sources and their validation; the pipeline (grain) is
-imported by the training loop alone, as `dtr_jax.data.pipeline`.
+imported, as `dtr_jax.data.pipeline`, by what reads a dataset in order: the training
+loop and the latent extraction.
 """
 
 from dtr_jax.data import images, latents  # noqa: F401  (they register their sources)
