@@ -112,6 +112,50 @@ def _key_name(key) -> str:
     return str(key)
 
 
+def layout(tree) -> dict[str, tuple[list[int], str]]:
+    """{path: (shape, dtype)} of a pytree of arrays or ShapeDtypeStructs, by the paths
+    `array_records` uses (nothing is computed or fetched)."""
+    flat = traverse_util.flatten_dict(_as_dict(tree), sep="/")
+    return {path: (list(np.shape(leaf)), str(leaf.dtype)) for path, leaf in flat.items()}
+
+
+def _layout_differences(recorded: dict, expected: dict, prefix: str) -> list[str]:
+    """How the arrays a checkpoint recorded (those under `prefix`) differ from the
+    `expected` layout (paths relative to `prefix`): missing, unexpected, reshaped."""
+    theirs = {
+        path[len(prefix) :]: (r["shape"], r["dtype"])
+        for path, r in recorded.items()
+        if path.startswith(prefix)
+    }
+    out = [f"{prefix}{p} is not in the checkpoint" for p in sorted(set(expected) - set(theirs))]
+    out += [
+        f"{prefix}{p} is not in this config's state" for p in sorted(set(theirs) - set(expected))
+    ]
+    for path in sorted(set(theirs) & set(expected)):
+        (shape, dtype), (want_shape, want_dtype) = theirs[path], expected[path]
+        if (shape, dtype) != (want_shape, want_dtype):
+            out.append(f"{prefix}{path} is {dtype}{shape} there, {want_dtype}{want_shape} here")
+    return out
+
+
+def _check_layout(path, recorded: dict, expected: dict, prefix: str = "") -> None:
+    """Refuses (WorkdirError) a checkpoint at `path` whose recorded arrays are intact but
+    not laid out as `expected`: a state of another config, never treated as damage."""
+    differences = _layout_differences(recorded, expected, prefix)
+    if not differences:
+        return
+    more = f" (and {len(differences) - 3} more)" if len(differences) > 3 else ""
+    raise WorkdirError(
+        [
+            f"checkpoint {path} holds a train state laid out otherwise than this config's "
+            f"({'; '.join(differences[:3])}{more}): a field that shapes the optimizer "
+            "state (optimizer.grad_clip, the learning-rate schedule) or the model changed "
+            "since it was written. Nothing was touched; resume with the run's config, or "
+            "use a new workdir"
+        ]
+    )
+
+
 def _verify(recorded: dict, restored: dict[str, dict], prefix: str = "") -> str | None:
     """None if every restored array matches its record (under `prefix`), else why not."""
     for path, got in restored.items():
@@ -292,7 +336,7 @@ class Checkpoints:
             args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
             return self._manager.restore(step, args=args).state
 
-        return self._first_valid(load, prefix="")
+        return self._first_valid(load, layout(abstract_state), prefix="")
 
     def restore_params(self, target, which: str = "ema_params"):
         """(params, step): only `which` ('ema_params' or 'params') of the newest valid
@@ -306,18 +350,28 @@ class Checkpoints:
             )
             return self._manager.restore(step, args=ocp.args.Composite(state=args)).state[which]
 
-        return self._first_valid(load, prefix=f"{which}/")
+        return self._first_valid(load, layout(target), prefix=f"{which}/")
 
-    def _first_valid(self, load, prefix: str):
+    def _first_valid(self, load, expected: dict, prefix: str):
+        """The newest committed checkpoint that loads and verifies. One whose recorded
+        arrays are laid out otherwise than `expected` is intact but of another state (a
+        config that builds other optimizer state, say): a WorkdirError, touching nothing."""
         found = []
         for step in reversed(self.committed_steps()):
             path = self.step_dir(step)
+            tree = None
             try:
                 recorded = json.loads((path / COMMIT).read_text())["arrays"]
-                self.meta(step)
-                tree, problem = load(step), None
-            except Exception as e:  # any failure to read makes the checkpoint unusable
-                tree, problem = None, f"cannot be read ({type(e).__name__}: {_short(e)})"
+                problem = None
+            except Exception as e:  # an unreadable record: the checkpoint is unusable
+                recorded, problem = None, f"its {COMMIT} cannot be read ({_short(e)})"
+            if recorded is not None:
+                _check_layout(path, recorded, expected, prefix)
+                try:
+                    self.meta(step)
+                    tree = load(step)
+                except Exception as e:  # any failure to read makes the checkpoint unusable
+                    problem = f"cannot be read ({type(e).__name__}: {_short(e)})"
             # Every host must take the same decision (the checksums are collective).
             if not sharding.all_hosts_agree(problem is None):
                 problem = problem or "cannot be read on another host"
@@ -371,14 +425,24 @@ def _short(error: Exception, limit: int = 300) -> str:
 # --- what a workdir holds -------------------------------------------------------------------
 
 
-def check_workdir(workdir: str, signature: dict) -> None:
-    """Refuses a workdir we cannot write, or one holding another model's checkpoints.
+def check_workdir(workdir: str, signature: dict, state=None) -> None:
+    """Refuses a workdir we cannot write, or one holding another model's checkpoints, or
+    (given the abstract train `state` a run would restore) one whose newest checkpoint
+    holds a state of another layout.
 
     Reads only; writes nothing, so a refused workdir is left exactly as it was.
     """
     files.check_writable_dir(workdir, "--workdir")
-    if checkpoint_dir(workdir).is_dir():
-        _check_signature(workdir, signature)
+    if not checkpoint_dir(workdir).is_dir():
+        return
+    step = _check_signature(workdir, signature)
+    if step is not None and state is not None:
+        record = checkpoint_dir(workdir) / str(step) / COMMIT
+        try:
+            recorded = json.loads(record.read_text())["arrays"]
+        except Exception:  # damaged: the verified restore reports it and falls back
+            return
+        _check_layout(record.parent, recorded, layout(state))
 
 
 def require_checkpoint(workdir: str, signature: dict) -> int:
@@ -401,7 +465,14 @@ def _check_signature(workdir: str, signature: dict) -> int | None:
         ckpt.close()
     if newest is None:
         return latest
-    theirs = _flat(newest[1].get("signature", signature))
+    if "signature" not in newest[1]:
+        raise WorkdirError(
+            [
+                f"--workdir={workdir}: checkpoint {newest[0]} has no model signature in its "
+                "meta (not written by dtr_jax?); use a new workdir"
+            ]
+        )
+    theirs = _flat(newest[1]["signature"])
     ours = _flat(signature)
     diffs = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
     if diffs:

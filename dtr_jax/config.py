@@ -255,9 +255,11 @@ def model_spec(config) -> dict:
     tables are another model); `inference.from_config` reads them.
     """
     r, d = config.model.routing, config.diffusion
-    tables = dict(kind=str(r.kind), beta=float(r.beta), alpha=float(r.alpha), seed=int(r.seed))
     if r.kind == routing.FILE:  # the file's tables, named by their content
         tables = dict(kind=routing.FILE, sha256=interop.tables_digest(interop.read_tables(r.path)))
+    else:  # the kind and what its tables depend on
+        as_json = dict(beta=float, alpha=float, seed=int)
+        tables = {"kind": str(r.kind)} | {f: as_json[f](r[f]) for f in routing.TABLE_FIELDS[r.kind]}
     return dict(
         model=_model_fields(config.model),
         routing=tables,

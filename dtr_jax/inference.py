@@ -63,15 +63,9 @@ def build(spec: dict, dtype: str = "float32", **model_kwargs) -> DiffusionModel:
     model = create_dit(m.pop("name"), dtype=dtype, **(m | model_kwargs))
     tables = None
     if r["kind"] in routing.KINDS:
-        tables = routing.model_tables(
-            r["kind"],
-            d["num_timesteps"],
-            model.hidden_size,
-            model.depth,
-            r["beta"],
-            r["alpha"],
-            r["seed"],
-        )
+        arguments = {f: r[f] for f in routing.TABLE_FIELDS[r["kind"]]}
+        T, C = d["num_timesteps"], model.hidden_size
+        tables = routing.model_tables(r["kind"], T, C, model.depth, **arguments)
     diffusion = GaussianDiffusion.create(
         d["schedule"], d["num_timesteps"], learn_sigma=model.learn_sigma
     )

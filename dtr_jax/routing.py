@@ -12,6 +12,9 @@ from __future__ import annotations
 import numpy as np
 
 KINDS = ("none", "dtr", "random")  # tables computed from (beta, alpha, seed)
+# The arguments each kind's tables depend on: together with the kind, what a model spec
+# records (a `none` run resumed with another beta is the same model; a `dtr` one is not).
+TABLE_FIELDS = {"none": (), "dtr": ("beta", "alpha"), "random": ("beta", "seed")}
 FILE = "file"  # tables read from a file (config `model.routing.path`, see dtr_jax.interop)
 
 

@@ -11,6 +11,7 @@ A run resumes from WORKDIR's latest checkpoint exactly where it stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import time
 from collections.abc import Callable
@@ -47,9 +48,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     """
     devices = jax.devices() if devices is None else devices
     config_lib.validate(config, len(devices), mode="train")
-    checkpoint.check_workdir(workdir, config_lib.signature(config))
     setup = step_lib.create_setup(config)
     mesh = sharding.make_mesh(config.mesh, devices)
+    abstract, shardings = step_lib.state_layout(setup, mesh)
+    checkpoint.check_workdir(workdir, config_lib.signature(config), abstract)
     c = config.checkpoint
     with lock.WorkdirLock(workdir, c.lock_lease_secs):
         ckpt = checkpoint.Checkpoints(
@@ -57,7 +59,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         )
         writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
         try:
-            state = _train(setup, mesh, ckpt, writer, workdir)
+            state = _train(Run(setup, mesh, abstract, shardings, ckpt, writer, workdir))
             ckpt.wait()  # the last save is committed before the run reports success
             return state
         finally:
@@ -65,12 +67,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
             writer.flush()
 
 
-def _train(setup: TrainSetup, mesh, ckpt, writer, workdir: str) -> TrainState:
-    cfg = setup.config
-    abstract, shardings = step_lib.state_layout(setup, mesh)
-    state = _restore_or_create(setup, mesh, abstract, shardings, ckpt, writer, workdir)
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What one training run holds fixed: what the step computes with, the mesh and the
+    state's layout on it, and where the run writes."""
+
+    setup: TrainSetup
+    mesh: jax.sharding.Mesh
+    abstract: TrainState  # shapes and dtypes of the state
+    shardings: TrainState  # and where each array lives
+    ckpt: checkpoint.Checkpoints
+    writer: metric_writers.MetricWriter
+    workdir: str
+
+
+def _train(run: Run) -> TrainState:
+    setup, mesh, ckpt, writer, cfg = run.setup, run.mesh, run.ckpt, run.writer, run.setup.config
+    state = _restore_or_create(run)
     start = int(jax.device_get(state.step))
-    step_fn = step_lib.jit_train_step(setup, mesh, shardings)
+    step_fn = step_lib.jit_train_step(setup, mesh, run.shardings)
     rep = sharding.replicated(mesh)
     tables = None if setup.dm.tables is None else jax.device_put(setup.dm.tables, rep)
     batches = device_batches(get_source(cfg), cfg, sharding.batch_sharding(mesh), start)
@@ -79,7 +94,7 @@ def _train(setup: TrainSetup, mesh, ckpt, writer, workdir: str) -> TrainState:
     log = MetricsLog(writer, setup, start, last_good=ckpt.latest_step)
     saver = Checkpointing(ckpt, cfg, log)
     actions = [log, *_sampling_actions(setup, sampler, decode, writer), saver]
-    actions += _clu_hooks(cfg, writer, workdir, start)
+    actions += _clu_hooks(cfg, writer, run.workdir, start)
     with sharding.mesh_context(mesh), Preemption(ckpt) as preempted:
         for step in range(start + 1, cfg.num_train_steps + 1):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -93,23 +108,26 @@ def _train(setup: TrainSetup, mesh, ckpt, writer, workdir: str) -> TrainState:
                 saver.save(step, state, force=True)
                 logging.warning("Stopped at step %d after SIGTERM; checkpoint saved.", step)
                 return state
-        _final_outputs(setup, state, sampler, decode, log, workdir)
+        _final_outputs(setup, state, sampler, decode, log, run.workdir)
     return state
 
 
-def _restore_or_create(setup, mesh, abstract, shardings, ckpt, writer, workdir) -> TrainState:
-    if ckpt.latest_step() is not None:
-        state, step = ckpt.restore(checkpoint.restore_target(abstract, shardings))
+def _restore_or_create(run: Run) -> TrainState:
+    """The newest valid checkpoint's state, or (a new run) the initial one, after writing
+    the run's hyperparameters and the plot of its routing tables."""
+    setup, workdir = run.setup, run.workdir
+    if run.ckpt.latest_step() is not None:
+        state, step = run.ckpt.restore(checkpoint.restore_target(run.abstract, run.shardings))
         logging.info("Resuming from %s at step %d", workdir, step)
         return state
-    writer.write_hparams(config_lib.flat_fields(setup.config))
+    run.writer.write_hparams(config_lib.flat_fields(setup.config))
     if setup.dm.tables is not None and jax.process_index() == 0:
         r = setup.config.model.routing
         title = f"routing {r.kind}, beta {r.beta:g}, alpha {r.alpha:g}"
         if r.kind == routing.FILE:
             title = f"routing tables of {files.resolve(r.path).name}"
         plots.routing_tables(setup.dm.tables, str(files.resolve(workdir) / "routing.png"), title)
-    return step_lib.create_state(setup, mesh, shardings)
+    return step_lib.create_state(setup, run.mesh, run.shardings)
 
 
 # --- periodic actions: each is called as action(step, state) after every step ----------

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from dtr_jax import checkpoint, sharding, step, train
+from dtr_jax import config as config_lib
 from dtr_jax.config import ConfigError, load_config, validate
 from dtr_jax.models import dit
 from helpers import DIGITS, ROOT, read_scalars, tiny
@@ -128,16 +129,45 @@ def test_workdir_of_another_model_is_refused_untouched(tmp_path):
     changes = (
         {"model.hidden_size": 64},
         {"model.routing.kind": "random"},
+        {"model.routing.beta": 0.5},
+        {"model.patch_size": 4},
+        {"model.learn_sigma": False},
+        {"model.num_classes": 1},
         {"diffusion.schedule": "cosine"},
         {"diffusion.num_timesteps": 500},
+        {"weighting.kind": "uw"},
+        {"model.scan_blocks": True},
     )
+    named = {"weighting.kind": "uw.num_clusters", "model.scan_blocks": "param_layout"}
     for override in changes:
-        field = next(iter(override)).partition(".")[2]
+        field = next(iter(override))
+        field = named.get(field, field.rpartition(".")[2])
         with pytest.raises(ConfigError, match=f"different model.*{field}"):
             train.train_and_evaluate(
                 tiny(num_train_steps=2, **override), str(tmp_path), devices=one
             )
+    # The same model, with other optimizer state: refused too, and the checkpoint kept.
+    with pytest.raises(ConfigError, match=r"laid out otherwise.*opt_state.*grad_clip"):
+        train.train_and_evaluate(
+            tiny(num_train_steps=2, **{"optimizer.grad_clip": 1.0}), str(tmp_path), devices=one
+        )
     assert _snapshot(tmp_path) == before
+
+
+def test_fields_the_tables_ignore_are_not_part_of_the_model():
+    ignored = {
+        "dtr": {"model.routing.seed": 7},
+        "none": {"model.routing.beta": 0.5, "model.routing.alpha": 1.0, "model.routing.seed": 7},
+        "random": {"model.routing.alpha": 1.0},
+    }
+    for kind, fields in ignored.items():
+        base = tiny(**{"model.routing.kind": kind})
+        assert config_lib.signature(tiny(**{"model.routing.kind": kind}, **fields)) == (
+            config_lib.signature(base)
+        ), kind
+    assert config_lib.signature(tiny(**{"model.routing.seed": 7, "model.routing.kind": "random"}))[
+        "routing"
+    ] == {"kind": "random", "beta": 0.8, "seed": 7}
 
 
 def test_workdir_that_cannot_be_created_is_refused(tmp_path):
