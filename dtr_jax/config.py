@@ -473,11 +473,11 @@ def _training_problems(c, num_devices: int) -> list[str]:
 
 def _data_problems(c) -> list[str]:
     d, m = c.data, c.model
-    if d.name == "latents":
-        missing = latents.extraction_problem(d.dir)
-        if missing:
-            how = "--mode extract makes them (and finishes an unfinished extraction)"
-            return [f"data.{missing}: {how}:\n      {extract_command(c)}"]
+    src = data.SOURCES.get(d.name) if d.name in data.SOURCES else None
+    unmade = src.unmade(d) if src is not None and src.unmade else None
+    if unmade:
+        how = "--mode extract makes them (and finishes an unfinished extraction)"
+        return [f"data.{unmade}: {how}:\n      {extract_command(c)}"]
     shape = (m.input_size, m.input_size, m.in_channels)
     return _named("data", c, data.problems(d, shape, m.num_classes))
 
@@ -499,16 +499,16 @@ def _extraction_problems(c, num_devices: int) -> list[str]:
 
 def extract_command(c) -> str:
     """The command line of `--mode extract` that writes the latents `c` reads (data.dir):
-    the fields it reads, with a <placeholder> where one is unset. Outside dtr_jax.main the
-    config file is named CONFIG."""
+    that of the unfinished extraction there, if any; else the fields it reads, with a
+    <placeholder> where none is set. Outside dtr_jax.main the config file is CONFIG."""
     d, x = c.data, c.extract
+    started = latents.read_manifest(d.dir) if d.dir else None
+    if started and started.get("command"):
+        return started["command"]
     fields = {"data.dir": d.dir, "extract.source": x.source}
-    if x.source == "folder":
-        fields["data.folder"] = d.folder or "<image folder>"
-    elif not (d.tfds_data_dir or d.manual_dir):
-        fields["data.manual_dir"] = "<folder of ILSVRC2012_img_train.tar and _val.tar>"
-    else:
-        fields.update({f"data.{k}": d[k] for k in ("tfds_data_dir", "manual_dir") if d[k]})
+    reads = data.SOURCES.get(x.source).reads if x.source in data.SOURCES else {}
+    given = {f"data.{k}": d[k] for k in reads if d[k]}
+    fields |= given or {f"data.{k}": v for k, v in reads.items() if v}
     if d.image_size != default_config().data.image_size:
         fields["data.image_size"] = d.image_size
     fields["vae.path"] = c.vae.path or "<SD VAE folder>"

@@ -89,6 +89,7 @@ def plan(config, photos, vae, params) -> dict:
         "images_per_shard": per_shard,
         "num_shards": len(latents.shard_ranges(len(photos), per_shard)),
         "complete": False,
+        "command": config_lib.extract_command(config),  # how to finish it, if interrupted
     }
 
 

@@ -176,6 +176,15 @@ def test_an_extraction_killed_mid_shard_resumes_with_every_image_once(inputs, ex
     assert names[0].startswith(".latents-00001-of-00003.array_record.tmp-")  # unfinished
     assert names[1:] == ["latents-00000-of-00003.array_record", latents.MANIFEST]
     assert not latents.read_manifest(str(directory))["complete"]
+    # Training refuses it with the command that finishes this extraction, whatever the
+    # training config says of the photographs.
+    other = tiny(**fields(inputs, directory, **{"extract.source": "imagenet2012"}))
+    with pytest.raises(ConfigError, match="unfinished extraction") as err:
+        validate(other, 1)
+    command = latents.read_manifest(str(directory))["command"]
+    assert err.value.problems[0].endswith(command)
+    assert "--config.extract.source=folder --config.data.folder=" in command
+    assert "--config.data.image_size=16" in command
 
     cmd = extract_cli(**fields(inputs, directory))
     done = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)

@@ -230,8 +230,11 @@ def _tfds_problems(d) -> list[str]:
     return out
 
 
-def tfds_source(name: str, num_classes: int) -> Source:
-    """The Source of the TFDS dataset `name`, read from `data.tfds_data_dir`."""
+def tfds_source(
+    name: str, num_classes: int, download: str = "<folder of the manual download>"
+) -> Source:
+    """The Source of the TFDS dataset `name`, read from `data.tfds_data_dir`; `download`
+    describes its manual download (the placeholder of `data.manual_dir`)."""
 
     def images(config, split: str) -> TfdsImages:
         d = config.data
@@ -250,6 +253,7 @@ def tfds_source(name: str, num_classes: int) -> Source:
         prepare=prepare,
         problems=_tfds_problems,
         holds=holds,
+        reads={"tfds_data_dir": "", "manual_dir": download},
     )
 
 
@@ -259,6 +263,15 @@ def _scaled(images: Callable) -> Callable:
 
 SOURCES.register(
     "folder",
-    Source(build=_scaled(_folder), images=_folder, problems=_folder_problems, holds=_folder_holds),
+    Source(
+        build=_scaled(_folder),
+        images=_folder,
+        problems=_folder_problems,
+        holds=_folder_holds,
+        reads={"folder": "<image folder>"},
+    ),
 )
-SOURCES.register("imagenet2012", tfds_source("imagenet2012", 1000))
+SOURCES.register(
+    "imagenet2012",
+    tfds_source("imagenet2012", 1000, "<folder of ILSVRC2012_img_train.tar and _val.tar>"),
+)

@@ -35,7 +35,7 @@ FORMAT = "dtr_jax.latents/1"
 DTYPES = ("float16", "float32")
 WRITER_OPTIONS = "group_size:1"  # one record per chunk: fast random access
 # Manifest entries that may differ between two runs of the same extraction.
-INCIDENTAL = ("complete", "vae.path")
+INCIDENTAL = ("complete", "vae.path", "command")
 
 
 def record_dtype(latent_shape, dtype: str) -> np.dtype:
@@ -237,6 +237,9 @@ class LatentSource:
 SOURCES.register(
     "latents",
     Source(
-        build=lambda config, split: LatentSource(config.data.dir), problems=problems, holds=holds
+        build=lambda config, split: LatentSource(config.data.dir),
+        problems=problems,
+        holds=holds,
+        unmade=lambda d: extraction_problem(d.dir),
     ),
 )

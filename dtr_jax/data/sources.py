@@ -38,6 +38,10 @@ class Source:
     images: fn(config, split) -> uint8 (H, W, 3) images and labels, for photographs
       (what `--mode extract` encodes); None for other data.
     prepare: fn(config) that makes `images` readable (builds the dataset), or None.
+    reads: the data fields naming where the photographs are, each with the placeholder an
+      `--mode extract` command suggests while none of them is set.
+    unmade: fn(data section) -> why the data is not made yet (`--mode extract` makes
+      it), or None; for data that extraction writes.
     """
 
     build: Callable
@@ -48,6 +52,8 @@ class Source:
     problems: Callable | None = None
     images: Callable | None = None
     prepare: Callable | None = None
+    reads: dict[str, str] = dataclasses.field(default_factory=dict)
+    unmade: Callable | None = None
 
     def shape_and_classes(self, d) -> tuple[tuple[int, int, int] | None, int | None]:
         """(image shape, classes) of the data the `data` section `d` names."""
