@@ -34,7 +34,7 @@ from absl import logging
 from etils import epath
 from flax import traverse_util
 
-from dtr_jax import files, sharding
+from dtr_jax import files, routing, sharding
 from dtr_jax.errors import CheckpointError, TrainingDiverged, WorkdirError
 
 COMMIT = "commit.json"
@@ -472,7 +472,7 @@ def _check_signature(workdir: str, signature: dict) -> int | None:
                 "meta (not written by dtr_jax?); use a new workdir"
             ]
         )
-    theirs = _flat(newest[1]["signature"])
+    theirs = _flat(_current_routing(newest[1]["signature"]))
     ours = _flat(signature)
     diffs = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
     if diffs:
@@ -486,6 +486,17 @@ def _check_signature(workdir: str, signature: dict) -> int | None:
             ]
         )
     return latest
+
+
+def _current_routing(signature: dict) -> dict:
+    """A signature whose routing entry holds only what the kind's tables depend on
+    (`routing.TABLE_FIELDS`): checkpoints written before it was so (with beta, alpha and
+    seed for every kind) still match the model they hold."""
+    r = signature.get("routing", {})
+    if r.get("kind") not in routing.TABLE_FIELDS:
+        return signature
+    used = {k: v for k, v in r.items() if k == "kind" or k in routing.TABLE_FIELDS[r["kind"]]}
+    return signature | {"routing": used}
 
 
 def _flat(signature: dict) -> dict:

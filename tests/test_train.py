@@ -168,6 +168,10 @@ def test_fields_the_tables_ignore_are_not_part_of_the_model():
     assert config_lib.signature(tiny(**{"model.routing.seed": 7, "model.routing.kind": "random"}))[
         "routing"
     ] == {"kind": "random", "beta": 0.8, "seed": 7}
+    # Checkpoints of earlier versions recorded beta, alpha and seed for every kind.
+    ours = config_lib.signature(tiny())
+    earlier = ours | {"routing": {"kind": "dtr", "beta": 0.8, "alpha": 4.0, "seed": 0}}
+    assert checkpoint._current_routing(earlier) == ours
 
 
 def test_workdir_that_cannot_be_created_is_refused(tmp_path):
