@@ -177,11 +177,10 @@ def _resolve_tables(tables, rebuilt, spec: dict) -> np.ndarray | None:
         return rebuilt
     tables = _check_tables(tables, spec, "tables passed to export")
     if rebuilt is None or not np.array_equal(tables, rebuilt):
-        logging.warning(
-            "Routing tables differ from routing.kind=%r: exported as kind %r (stored only)",
-            spec["routing"]["kind"],
-            CUSTOM,
-        )
+        kind = spec["routing"]["kind"]
+        # Tables read from a file are custom by nature; others that differ are a surprise.
+        log = logging.info if kind == routing.FILE else logging.warning
+        log("Routing tables not rebuilt from routing.kind=%r: exported as %r", kind, CUSTOM)
         spec["routing"]["kind"] = CUSTOM
     return tables
 

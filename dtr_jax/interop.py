@@ -12,8 +12,11 @@ mirrors them):
   pos_embed                (1, N, D)         - (the fixed sin-cos table: checked, not imported)
   blocks.N.routing._unit_mapping (T, C)      - (row N of the (depth, T, C) routing tables)
 
-An unconditional model (num_classes=1) has one class row in both releases (no null
-label); ours keeps an unused null row, which export drops and import fills with zeros.
+An unconditional model (num_classes=1) has one class row in the DTR release (no null
+label) and two in the DiT release (its null row exists whenever label dropout is on, as
+it is by default); ours keeps the null row. Import takes either (a missing null row is
+filled with zeros); export writes the DTR release's one row when it writes routing
+buffers, and the DiT release's two when it does not (routing 'none').
 
 Files: `.pt` / `.pth` (torch.save; reading them needs torch, imported only there) and
 `.safetensors` (read from its header into numpy memmaps: no torch, bf16 included).
@@ -39,6 +42,7 @@ import io
 import json
 import os
 import re
+import zipfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -54,6 +58,7 @@ from dtr_jax import files, routing
 from dtr_jax.models.dit import DiT, sincos_pos_embed
 
 SUFFIXES = (".pt", ".pth", ".safetensors")
+TORCH_REQUIREMENT = "torch>=2.5"  # weights_only loading with safe_globals; setup.cfg's extra
 POS_EMBED = "pos_embed"
 ROUTING_BUFFER = re.compile(r"^blocks\.(\d+)\.routing\._unit_mapping$")  # see routing_buffer
 EXPORT_TABLES_KEY = "routing.tables"  # the (G, T, C) tables of a dtr_jax export's safetensors
@@ -125,13 +130,18 @@ def params_to_torch(params, model: DiT, tables=None) -> dict[str, np.ndarray]:
     """The official-layout state dict (float32 numpy) of Flax `params` of `model`: Linear
     weights transposed, conv kernels OIHW, `pos_embed`, and with (G, T, C) `tables` the
     DTR release's buffer `blocks.N.routing._unit_mapping` (float 0/1) in every block."""
+    if "blocks" in params:
+        raise ValueError(
+            "params hold the stacked blocks of model.scan_blocks: convert them with "
+            "dtr_jax.models.dit.unstack_blocks first (the PyTorch layout is per block)"
+        )
     grid = model.input_size // model.patch_size
     out = {POS_EMBED: sincos_pos_embed(model.hidden_size, grid).astype(np.float32)[None]}
     for path, w in traverse_util.flatten_dict(nn.unbox(jax.device_get(params))).items():
         w = np.asarray(w, np.float32)
         key, axes = _torch_name(path, w.ndim)
-        if key == _EMBEDDING and model.num_classes == 1:
-            w = w[:1]  # both releases build no null row for one class
+        if key == _EMBEDDING and model.num_classes == 1 and tables is not None:
+            w = w[:1]  # the DTR release builds no null row for one class
         out[key] = np.ascontiguousarray(_transpose(w, axes))
     if tables is not None:
         tables = np.asarray(tables)
@@ -255,11 +265,19 @@ class Inert:
 
 
 def read_torch(path: str):
-    """torch.load(weights_only=True, mmap) of `path`, with inert stand-ins for the
-    classes torch does not allow (tensors are read from disk when converted)."""
-    import torch  # only .pt / .pth files need torch
-
+    """torch.load(weights_only=True) of `path`, with inert stand-ins for the classes torch
+    does not allow. Files of torch's zip format (the default since torch 1.6) are memory-
+    mapped (tensors are read from disk when converted); older ones are read whole."""
     try:
+        import torch  # only .pt / .pth files need torch
+    except ImportError:
+        raise ValueError(
+            f"is a PyTorch file: reading it needs torch ({TORCH_REQUIREMENT}: pip install "
+            "'dtr_jax[pytorch]'), or convert it to .safetensors"
+        ) from None
+    try:
+        if not zipfile.is_zipfile(path):  # the legacy format: no mmap, no globals scan
+            return torch.load(path, map_location="cpu", weights_only=True)
         with open(path, "rb") as f:
             foreign = torch.serialization.get_unsafe_globals_in_checkpoint(f)
         stand_ins = [(type("Inert", (Inert,), {"name": name}), name) for name in foreign]
@@ -486,6 +504,8 @@ def open_checkpoint(path: str) -> Checkpoint:
     """
     if files.is_remote(path):
         raise ValueError("must be a local file (copy it to this machine first)")
+    if os.path.isdir(path):
+        raise ValueError(f"is a folder: name the checkpoint file in it ({', '.join(SUFFIXES)})")
     if not os.path.isfile(path):
         raise FileNotFoundError("does not exist")
     if not path.endswith(SUFFIXES):

@@ -11,7 +11,8 @@ knows nothing of it):
   enospc:<step>  writing checkpoint <step> fails with ENOSPC, as on a full disk;
   slow_shard:<name>  `--mode extract` waits likewise before the last record of the shard
                  file <name>, after 'FAULT: completing <name>': a kill then leaves it
-                 unfinished.
+                 unfinished;
+  no_torch       torch cannot be imported, as where it is not installed.
 """
 
 import errno
@@ -20,12 +21,27 @@ import re
 import sys
 import time
 
-from orbax.checkpoint._src.handlers import json_checkpoint_handler
-
-from dtr_jax import checkpoint, main
-from dtr_jax.data import latents
-
 FAULT = os.environ.get("DTR_TEST_FAULT", "")
+
+
+class _NoTorch:
+    """A meta-path finder for which torch is not installed (`import torch` fails)."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+if FAULT == "no_torch":
+    sys.meta_path.insert(0, _NoTorch())
+
+# Imported after the finder is in place, so that torch is blocked from the start.
+from orbax.checkpoint._src.handlers import json_checkpoint_handler  # noqa: E402
+
+from dtr_jax import checkpoint, main  # noqa: E402
+from dtr_jax.data import latents  # noqa: E402
+
 SLOW = float(os.environ.get("DTR_TEST_SLOW", "2"))
 
 

@@ -25,7 +25,7 @@ from dtr_jax import config as config_lib
 from dtr_jax import export, inference, interop, modes, routing, sharding
 from dtr_jax import step as step_lib
 from dtr_jax.config import ConfigError, with_overrides
-from dtr_jax.models.dit import DiT, unstack_blocks
+from dtr_jax.models.dit import DiT, stack_blocks, unstack_blocks
 from torch_reference import TDiT
 
 T, DEPTH, HIDDEN, CLASSES = 1000, 2, 32, 10
@@ -407,28 +407,46 @@ def test_sample_evaluate_and_export_from_init_from(plain_file, tmp_path):
     )
 
 
-def test_main_exports_an_imported_file(plain_file, tmp_path):
+def test_main_without_torch_exports_a_safetensors_file_and_refuses_a_pt(plain_file, tmp_path):
     path, _ = plain_file
-    out = tmp_path / "exported"
-    command = [
-        sys.executable,
-        "-m",
-        "dtr_jax.main",
-        f"--config={helpers.DIGITS}",
-        f"--workdir={tmp_path / 'work'}",
-        "--mode=export",
-        f"--config.init_from={path}",
-        f"--config.export.dir={out}",
-        "--config.model.depth=2",
-        "--config.model.hidden_size=32",
-        "--config.model.num_heads=2",
-    ]
-    subprocess.run(command, check=True, cwd=helpers.ROOT, env=os.environ | {"JAX_PLATFORMS": "cpu"})
-    exported = st_torch.load_file(str(out / "pytorch_model.safetensors"))
     original = torch.load(path, weights_only=True)
+    as_safetensors = tmp_path / "DiT-digits.safetensors"
+    st_torch.save_file(original, str(as_safetensors))
+    out = tmp_path / "exported"
+    env = helpers.cli_env(DTR_TEST_FAULT="no_torch")
+    arch = ["--config.model.depth=2", "--config.model.hidden_size=32", "--config.model.num_heads=2"]
+
+    def main(init_from):
+        command = [sys.executable, str(helpers.FAULTY_MAIN), f"--config={helpers.DIGITS}"]
+        command += [f"--workdir={tmp_path / 'work'}", "--mode=export", *arch]
+        command += [f"--config.init_from={init_from}", f"--config.export.dir={out}"]
+        return subprocess.run(command, cwd=helpers.ROOT, env=env, capture_output=True, text=True)
+
+    refused = main(path)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert "is a PyTorch file: reading it needs torch" in refused.stderr
+    done = main(as_safetensors)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(os.listdir(out)) == sorted(  # no .pt without torch
+        ["model.json", "model.msgpack", "model.safetensors", "pytorch_model.safetensors"]
+    )
+    exported = st_torch.load_file(str(out / "pytorch_model.safetensors"))
     assert sorted(exported) == sorted(original)
     for key, value in original.items():
         torch.testing.assert_close(exported[key], value, rtol=0, atol=0)
+
+
+def test_legacy_pt_files_folders_and_stacked_params(tmp_path):
+    sd = torch_dit(TABLES["dtr"]).state_dict()
+    legacy = tmp_path / "legacy.pt"
+    torch.save(sd, legacy, _use_new_zipfile_serialization=False)
+    assert_trees_equal(interop.open_checkpoint(str(legacy)).params(), interop.params_from_torch(sd))
+    with pytest.raises(ValueError, match="is a folder: name the checkpoint file"):
+        interop.open_checkpoint(str(tmp_path))
+    dm = inference.from_config(tiny())
+    stacked = stack_blocks(random_params(dm))
+    with pytest.raises(ValueError, match="stacked blocks of model.scan_blocks.*unstack_blocks"):
+        interop.params_to_torch(stacked, dm.model, dm.tables)
 
 
 # ============================================================ 4. JAX params out
@@ -480,7 +498,7 @@ def test_export_without_torch_writes_the_safetensors_only(tmp_path, monkeypatch)
     assert_trees_equal(interop.params_from_torch(state), params)
 
 
-def test_unconditional_models_have_the_releases_single_class_row():
+def test_unconditional_models_have_each_releases_class_rows():
     config = tiny(**{"model.num_classes": 1})
     dm = inference.from_config(config)
     params = random_params(dm)
@@ -500,6 +518,12 @@ def test_unconditional_models_have_the_releases_single_class_row():
         "memory", "state dict", {"model": with_null_row, "ema": with_null_row}
     )
     assert kept.problems(dm.model, T) == []
+    # Without routing buffers the target is the DiT release, whose LabelEmbedder keeps a
+    # null row for one class too (num_classes + (dropout_prob > 0)): both rows go out.
+    plain = inference.from_config(tiny(**{"model.num_classes": 1, "model.routing.kind": "none"}))
+    state = interop.params_to_torch(params, plain.model, plain.tables)
+    assert state["y_embedder.embedding_table.weight"].shape == (2, HIDDEN)
+    assert_trees_equal(interop.params_from_torch(state), params)
 
 
 # ============================================================ 5. refusals
