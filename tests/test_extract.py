@@ -320,6 +320,23 @@ def test_imagenet2012_is_built_from_the_manual_download_then_extracted(inputs, t
     assert not images.prepare_tfds("imagenet2012", str(tmp_path / "tfds"), "")  # built once
 
 
+def test_imagenet2012_built_as_tfrecord_is_refused_with_the_conversion(tmp_path):
+    import tensorflow_datasets as tfds
+
+    manual, data_dir = _fake_imagenet_download(tmp_path / "manual"), str(tmp_path / "tfds")
+    builder = tfds.builder("imagenet2012", data_dir=data_dir, file_format="tfrecord")
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual))
+    for attempt in (
+        lambda: images.prepare_tfds("imagenet2012", data_dir, manual),
+        lambda: images.TfdsImages("imagenet2012", "train", data_dir, 16),
+    ):
+        with pytest.raises(ConfigError, match="built as tfrecord.*empty data.tfds_data_dir"):
+            attempt()
+    built = [p.name for p in (tmp_path / "tfds" / "imagenet2012" / "5.1.0").iterdir()]
+    assert any(".tfrecord" in name for name in built)
+    assert not any(".array_record" in name for name in built)  # nothing was built again
+
+
 def test_photos_to_evaluated_samples_through_the_cli(inputs, tmp_path):
     """crop -> VAE -> extract -> train on the shards -> sample -> decode -> evaluate."""
     f = fields(inputs, tmp_path / "latents", num_train_steps=3, **{"vae.batch_size": 4})

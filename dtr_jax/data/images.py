@@ -173,6 +173,8 @@ class TfdsImages:
 
         self.size = size
         builder = tfds.builder(name, data_dir=data_dir or None)
+        if builder.is_prepared() and not _has_array_record(builder):
+            raise ConfigError([_not_array_record(name, data_dir, builder)])
         try:
             self.data = builder.as_data_source(split)
         except (NotImplementedError, AssertionError, KeyError, ValueError, OSError) as e:
@@ -203,9 +205,12 @@ def prepare_tfds(name: str, data_dir: str, manual_dir: str) -> bool:
     it. Needs TensorFlow; a few hours for ImageNet, on one process."""
     import tensorflow_datasets as tfds
 
-    builder = tfds.builder(name, data_dir=data_dir or None, file_format="array_record")
-    if builder.is_prepared():
+    built = tfds.builder(name, data_dir=data_dir or None)
+    if built.is_prepared():  # in whichever format: never built twice
+        if not _has_array_record(built):
+            raise ConfigError([_not_array_record(name, data_dir, built)])
         return False
+    builder = tfds.builder(name, data_dir=data_dir or None, file_format="array_record")
     try:
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
@@ -216,6 +221,23 @@ def prepare_tfds(name: str, data_dir: str, manual_dir: str) -> bool:
             [f"data.manual_dir={manual_dir!r}: cannot build {name} ({type(e).__name__}: {first})"]
         ) from e
     return True
+
+
+def _has_array_record(builder) -> bool:
+    """Whether a prepared TFDS dataset has ArrayRecord shards (what grain reads)."""
+    formats = [builder.info.file_format, *builder.info.alternative_file_formats]
+    return any(getattr(f, "value", f) == "array_record" for f in formats)
+
+
+def _not_array_record(name: str, data_dir: str, builder) -> str:
+    where = f"data.tfds_data_dir={data_dir!r}" if data_dir else "TFDS's default data_dir"
+    return (
+        f"{where} holds {name} built as {getattr(builder.info.file_format, 'value', '?')}, "
+        "but it is read as array_record (random access, no TensorFlow): build it anew from "
+        "data.manual_dir into an empty data.tfds_data_dir (--mode extract does), or convert "
+        f"it in place with `tfds convert_format --dataset_dir={builder.data_dir_root}/{name} "
+        "--out_file_format=array_record` (needs apache-beam)"
+    )
 
 
 def _tfds_problems(d) -> list[str]:
