@@ -29,7 +29,7 @@ from dtr_jax import config as config_lib
 from dtr_jax import data, files, sharding
 from dtr_jax.data import images as images_lib
 from dtr_jax.data import latents
-from dtr_jax.data.pipeline import prefetch
+from dtr_jax.data.pipeline import prefetch, read_options
 from dtr_jax.errors import ConfigError
 from dtr_jax.models import vae as vae_lib
 from dtr_jax.progress import Progress
@@ -201,7 +201,7 @@ class Extraction:
         padded[: len(indices)] = indices
         side = config.data.image_size
         self.rows = grain.MapDataset.source(_Rows(photos, padded, side)).batch(self.batch)
-        self.read = grain.ReadOptions(num_threads=config.data.num_threads, prefetch_buffer_size=4)
+        self.read = read_options(config.data.num_threads)
         self.params = jax.device_put(params, sharding.replicated(mesh))
         self.encode = encoder(vae, mesh, manifest["dtype"])
         self.record = latents.record_dtype(manifest["latent_shape"], manifest["dtype"])

@@ -74,13 +74,19 @@ def device_batches(source, config, sharding, start_step: int = 0) -> Iterator[di
         block=process_block(sharding, config.global_batch_size),
         num_blocks=jax.process_count(),
     )
-    read = grain.ReadOptions(num_threads=config.data.num_threads, prefetch_buffer_size=4)
-    host_iter = iter(ds[start_step:].to_iter_dataset(read))
+    host_iter = iter(ds[start_step:].to_iter_dataset(read_options(config.data.num_threads)))
 
     def to_device(batch):
         return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
     return prefetch(map(to_device, host_iter), config.data.prefetch)
+
+
+def read_options(num_threads: int) -> grain.ReadOptions:
+    """`num_threads` threads reading items (here: whole batches) ahead of the consumer.
+    Each thread reads one item at a time, so the buffer holds as many items as there are
+    threads (grain's default of 4 would cap the parallelism at 4 whatever the threads)."""
+    return grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(num_threads, 1))
 
 
 def prefetch(iterator: Iterator, size: int) -> Iterator:
