@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Train on a Cloud TPU VM slice or pod: the same command runs on every worker.
 #   launch/tpu_vm.sh TPU_NAME ZONE configs/dit_b.py gs://BUCKET/runs/dit_b [--config.x=y ...]
-# Each worker installs the project (from this checkout, copied to ~/dtr_jax) and starts one
-# process; jax.distributed.initialize() finds the other workers by itself and every host
-# reads its own shard of each global batch. The workdir must be shared (gs://).
+# Each worker installs the project (the files of this checkout that git does not ignore,
+# edits included; not .venv/, workdirs/ or downloaded weights: copied to ~/dtr_jax) and
+# starts one process; jax.distributed.initialize() finds the other workers by itself and
+# every host reads its own shard of each global batch. The workdir must be shared (gs://).
 set -euo pipefail
 if [[ $# -lt 4 ]]; then
   echo "usage: $0 TPU_NAME ZONE CONFIG WORKDIR [--config.field=value ...]" >&2; exit 2
@@ -11,11 +12,15 @@ fi
 tpu=$1 zone=$2 config=$3 workdir=$4; shift 4
 repo=$(cd "$(dirname "$0")/.." && pwd)
 
-gcloud compute tpus tpu-vm scp --recurse --zone "$zone" --worker=all \
-  "$repo" "$tpu":~/dtr_jax_src
+bundle=$(mktemp -t dtr_jax.XXXXXX.tar.gz)
+trap 'rm -f "$bundle"' EXIT
+(cd "$repo" && git ls-files -z --cached --others --exclude-standard \
+  | xargs -0 tar -czf "$bundle" --)
+gcloud compute tpus tpu-vm scp --zone "$zone" --worker=all "$bundle" "$tpu":~/dtr_jax_src.tar.gz
 gcloud compute tpus tpu-vm ssh "$tpu" --zone "$zone" --worker=all --command "
   set -e
-  rsync -a --delete ~/dtr_jax_src/ ~/dtr_jax/ && cd ~/dtr_jax
+  rm -rf ~/dtr_jax && mkdir ~/dtr_jax && tar -xzf ~/dtr_jax_src.tar.gz -C ~/dtr_jax
+  cd ~/dtr_jax
   pip install -q -e . 'jax[tpu]' -f https://storage.googleapis.com/jax-releases/libtpu_releases.html
   DTR_MULTIHOST=1 nohup python -m dtr_jax.main --config $config --workdir $workdir $* \
     > ~/dtr_jax_train.log 2>&1 &
