@@ -370,8 +370,10 @@ class Checkpoints:
                 try:
                     self.meta(step)
                     tree = load(step)
-                except Exception as e:  # any failure to read makes the checkpoint unusable
-                    problem = f"cannot be read ({type(e).__name__}: {_short(e)})"
+                except Exception as e:  # unusable, unless the store could not be read now
+                    if _not_its_bytes(e):
+                        raise self._read_error(path, e) from e
+                    problem = f"cannot be read ({_short(e)})"
             # Every host must take the same decision (the checksums are collective).
             if not sharding.all_hosts_agree(problem is None):
                 problem = problem or "cannot be read on another host"
@@ -391,6 +393,19 @@ class Checkpoints:
             f"no valid checkpoint in {self.directory}:{detail}"
             + (f"\n  ({unfinished} unfinished step directories ignored)" if unfinished else "")
         )
+
+    def _read_error(self, path: epath.Path, error: Exception) -> CheckpointError:
+        return CheckpointError(
+            f"cannot read checkpoint {path} ({_short(error)}): the store refused access or "
+            "failed, which says nothing of the checkpoint, so nothing was changed; fix the "
+            "access and run again"
+        )
+
+    def set_aside(self) -> list[epath.Path]:
+        """The checkpoints moved aside as damaged (`<step>.corrupt[-k]`)."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(p for p in self.directory.iterdir() if CORRUPT_SUFFIX in p.name)
 
     def _set_aside(self, step: int) -> None:
         """Renames a failed checkpoint to <step>.corrupt[-k], keeping its bytes for inspection."""
@@ -417,8 +432,40 @@ class Checkpoints:
         self._manager.close()
 
 
+# Failures of the storage, not of a checkpoint's bytes: no reason to set it aside.
+_ACCESS_ERRORS = (PermissionError, TimeoutError, ConnectionError, MemoryError)
+_ACCESS_STATUSES = (
+    "PERMISSION_DENIED",
+    "UNAUTHENTICATED",
+    "UNAVAILABLE",
+    "DEADLINE_EXCEEDED",
+    "RESOURCE_EXHAUSTED",  # out of memory, or a quota
+)
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """`error` and the errors it was raised from, outermost first."""
+    out = []
+    while error is not None and error not in out:
+        out.append(error)
+        error = error.__cause__ or error.__context__
+    return out
+
+
+def _not_its_bytes(error: Exception) -> bool:
+    """Whether reading failed for want of access to the store (permissions, a network
+    or service error, memory), which says nothing of the checkpoint itself."""
+    return any(
+        isinstance(e, _ACCESS_ERRORS) or any(code in str(e) for code in _ACCESS_STATUSES)
+        for e in _chain(error)
+    )
+
+
 def _short(error: Exception, limit: int = 300) -> str:
-    text = " ".join(str(error).split())
+    """The innermost error's type and message, on one line (TensorStore and Orbax wrap
+    the reason, e.g. OUT_OF_RANGE for a truncated file, in generic errors)."""
+    inner = _chain(error)[-1]
+    text = f"{type(inner).__name__}: " + " ".join(str(inner).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

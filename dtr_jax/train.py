@@ -28,7 +28,7 @@ from dtr_jax import config as config_lib
 from dtr_jax import step as step_lib
 from dtr_jax.data import get_source
 from dtr_jax.data.pipeline import device_batches
-from dtr_jax.errors import TrainingDiverged
+from dtr_jax.errors import CheckpointError, TrainingDiverged
 from dtr_jax.step import TrainSetup, TrainState
 
 
@@ -120,6 +120,12 @@ def _restore_or_create(run: Run) -> TrainState:
         state, step = run.ckpt.restore(checkpoint.restore_target(run.abstract, run.shardings))
         logging.info("Resuming from %s at step %d", workdir, step)
         return state
+    if aside := run.ckpt.set_aside():  # a run whose every checkpoint failed: never restart
+        raise CheckpointError(
+            f"{workdir} holds no valid checkpoint, only damaged ones set aside "
+            f"({', '.join(p.name for p in aside)}): a new run there would start from step 0. "
+            "Inspect them, then delete them to start over, or use another --workdir"
+        )
     run.writer.write_hparams(config_lib.flat_fields(setup.config))
     if setup.dm.tables is not None and jax.process_index() == 0:
         r = setup.config.model.routing

@@ -195,6 +195,35 @@ def test_no_valid_checkpoint_is_a_clear_error_naming_each(saved, tmp_path):
     assert "checkpoints/4:" in str(err.value) and "checkpoints/2:" in str(err.value)
     proc = run_cli(workdir, mode="sample")
     assert_clean_failure(proc, CheckpointError.exit_code, "no valid checkpoint", "checkpoints/2")
+    # The trainer sets both aside; the next one refuses to start over from step 0.
+    config = tiny(num_train_steps=6, checkpoint_every_steps=2)
+    with pytest.raises(CheckpointError, match="no valid checkpoint"):
+        train.train_and_evaluate(config, str(workdir), devices=ONE)
+    with pytest.raises(CheckpointError, match=r"only damaged ones set aside \(2.corrupt, 4.co"):
+        train.train_and_evaluate(config, str(workdir), devices=ONE)
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2.corrupt", "4.corrupt"]
+
+
+def test_a_store_that_refuses_access_changes_nothing(saved, tmp_path, monkeypatch):
+    source, _ = saved
+    workdir = tmp_path / "run"
+    shutil.copytree(source, workdir)
+    before = _tree(workdir / "checkpoints")
+
+    def refused(self, step, args=None):
+        try:
+            raise PermissionError(13, "Permission denied", "ocdbt.process_0/d/1234")
+        except PermissionError as e:  # as TensorStore reports it: wrapped
+            raise ValueError("Encountered error while reading array index") from e
+
+    monkeypatch.setattr(checkpoint.ocp.CheckpointManager, "restore", refused)
+    for run in (
+        lambda: modes.run("export", tiny(), str(workdir)),
+        lambda: train.train_and_evaluate(tiny(num_train_steps=6), str(workdir), devices=ONE),
+    ):
+        with pytest.raises(CheckpointError, match=r"cannot read checkpoint .*/4 \(PermissionError"):
+            run()
+    assert _tree(workdir / "checkpoints") == before and before  # nothing moved or changed
 
 
 # --- a full disk ---------------------------------------------------------------------------
