@@ -11,6 +11,7 @@ section the field lives in (`model.routing.`) and raises them together.
   2     ConfigError         an invalid or unknown config field or flag
   3     InputFileError      a file a field names is missing, unreadable or of the wrong kind
   4     WorkdirError        a workdir of another model, or one that cannot be written
+        WriteError          writing an output failed (disk full, ...): nothing replaced
   5     WorkdirLocked       another trainer owns the workdir
   6     CheckpointError     no valid checkpoint to read, or a checkpoint could not be written
   7     TrainingDiverged    the loss (or the state to save) is not finite
@@ -30,23 +31,32 @@ class DtrError(Exception):
 class ConfigError(DtrError, ValueError):
     """One or more config fields (or the files they name) are invalid; lists each one."""
 
+    heading = "invalid config"
+    exit_code = 2
+
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
-        super().__init__("invalid config:\n  - " + "\n  - ".join(self.problems))
-
-    exit_code = 2
+        super().__init__(f"{self.heading}:\n  - " + "\n  - ".join(self.problems))
 
 
 class InputFileError(ConfigError):
     """A file named by a config field is missing, unreadable or not what the field needs."""
 
+    heading = "unusable input file"
     exit_code = 3
 
 
 class WorkdirError(ConfigError):
-    """The workdir belongs to another model, or cannot be created or written."""
+    """The workdir belongs to another model, or a place to write is not writable."""
 
+    heading = "refused workdir or output directory"
     exit_code = 4
+
+
+class WriteError(WorkdirError):
+    """Writing an output failed (a full disk, a lost mount, ...); nothing was replaced."""
+
+    heading = "could not write"
 
 
 class WorkdirLocked(DtrError):

@@ -24,9 +24,7 @@ import dataclasses
 import functools
 import json
 import os
-import shutil
 import types
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -186,19 +184,10 @@ def _resolve_tables(tables, rebuilt, spec: dict) -> np.ndarray | None:
 
 
 def _write_local(out_dir: str, contents: dict[str, Callable[[], bytes]]) -> None:
-    """Writes into a temporary sibling, then swaps it in; the old export goes last."""
+    """Writes the export as one directory; an old export is replaced only at the end."""
     out = os.path.abspath(out_dir)
     _check_replaceable(out)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = _sibling(out, "tmp")
-    os.mkdir(tmp)  # unlike mkdtemp's 0700, honours the umask
-    try:
-        for filename, make in contents.items():
-            with open(os.path.join(tmp, filename), "wb") as f:
-                f.write(make())
-        _swap_in(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    files.write_directory(out, contents)
 
 
 def _check_replaceable(out: str) -> None:
@@ -212,26 +201,6 @@ def _check_replaceable(out: str) -> None:
                 f"dtr_jax export (no {JSON}); choose another export.dir"
             ]
         )
-
-
-def _sibling(out: str, what: str) -> str:
-    """A fresh hidden name next to `out` (.NAME.what-PID-RANDOM)."""
-    parent, name = os.path.split(out)
-    return os.path.join(parent, f".{name}.{what}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
-def _swap_in(tmp: str, out: str) -> None:
-    if not os.path.exists(out):
-        os.rename(tmp, out)
-        return
-    old = _sibling(out, "old")
-    os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_remote(out_dir: str, contents: dict[str, Callable[[], bytes]]) -> None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import uuid
 
 from etils import epath
 
-from dtr_jax.errors import WorkdirError
+from dtr_jax.errors import WorkdirError, WriteError
 
 
 def is_remote(path: str) -> bool:
@@ -41,15 +43,65 @@ def tmp_sibling(path: str) -> epath.Path:
 @contextlib.contextmanager
 def open_atomically(path: str):
     """A binary file that replaces `path` only once it is completely written and closed
-    (a temporary sibling, then a rename): `path` is never left half written."""
+    (a temporary sibling, then a rename): `path` is never left half written. A failed
+    write (a full disk, ...) raises WriteError naming `path`; what was there stays."""
     tmp = tmp_sibling(path)
     try:
-        with tmp.open("wb") as f:
-            yield f
-        tmp.replace(epath.Path(path))
+        with _reported_as_write_error(path):
+            with tmp.open("wb") as f:
+                yield f
+            tmp.replace(epath.Path(path))
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        with contextlib.suppress(OSError):
+            if tmp.exists():
+                tmp.unlink()
+
+
+@contextlib.contextmanager
+def _reported_as_write_error(path: str):
+    try:
+        yield
+    except OSError as e:
+        reason = e.strerror or str(e) or type(e).__name__
+        raise WriteError([f"{path} ({reason}): anything it replaces is left as it was"]) from e
+
+
+def write_directory(path: str, contents: dict) -> None:
+    """Writes the files `contents` ({name: fn() -> bytes}) as the directory `path` (local),
+    replacing one that exists only once all are written: into a temporary sibling, then
+    swapped in by renames. A failed write raises WriteError; the old directory stays."""
+    out = os.path.abspath(path)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = _sibling(out, "tmp")
+    try:
+        with _reported_as_write_error(out):
+            os.mkdir(tmp)  # unlike mkdtemp's 0700, honours the umask
+            for filename, make in contents.items():
+                with open(os.path.join(tmp, filename), "wb") as f:
+                    f.write(make())
+            _swap_in(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _sibling(path: str, what: str) -> str:
+    """A fresh hidden name next to `path` (.NAME.what-PID-RANDOM)."""
+    parent, name = os.path.split(path)
+    return os.path.join(parent, f".{name}.{what}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _swap_in(tmp: str, out: str) -> None:
+    if not os.path.exists(out):
+        os.rename(tmp, out)
+        return
+    old = _sibling(out, "old")
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_atomically(path: str, data: bytes) -> None:

@@ -13,7 +13,7 @@ from safetensors import numpy as st_numpy
 import helpers
 from dtr_jax import export, inference, routing, sharding, train
 from dtr_jax.config import with_overrides
-from dtr_jax.errors import CheckpointError
+from dtr_jax.errors import CheckpointError, WriteError
 
 FILES = (
     "model.json",
@@ -180,7 +180,7 @@ def test_reexport_replaces_cleanly_and_a_failed_write_keeps_the_old(dtr_run, tmp
         raise OSError("disk full")
 
     monkeypatch.setattr(st_numpy, "save", boom)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(WriteError, match=r"exp \(disk full\)"):  # a clean error, exit 4
         export.export_mode(ema_config, workdir)
     assert sorted(os.listdir(tmp_path)) == ["exp"] and sorted(os.listdir(out)) == sorted(FILES)
     kept = export.load(str(out))

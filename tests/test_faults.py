@@ -7,6 +7,8 @@ the newest valid one is used; nothing already written is lost; every anticipated
 failure ends in one `dtr_jax: ...` line and its own exit code, never a traceback.
 """
 
+import errno
+import io
 import json
 import os
 import pathlib
@@ -20,7 +22,7 @@ import jax
 import numpy as np
 import pytest
 
-from dtr_jax import checkpoint, lock, modes, train
+from dtr_jax import checkpoint, files, lock, modes, train
 from dtr_jax.errors import (
     CheckpointError,
     ConfigError,
@@ -28,6 +30,7 @@ from dtr_jax.errors import (
     TrainingDiverged,
     WorkdirError,
     WorkdirLocked,
+    WriteError,
 )
 from helpers import DIGITS, FAULTY_MAIN, cli_command, cli_env, kill9, tiny, wait_for
 
@@ -244,6 +247,40 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(saved, tmp_path):
     again = run_cli(workdir, num_train_steps=6, checkpoint_every_steps=2)  # space freed
     assert again.returncode == 0, again.stderr[-3000:]
     assert records(workdir, 6) == six
+
+
+class _FullDisk(io.BytesIO):
+    def write(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_disk_full_outside_checkpoints_is_a_clean_error_and_replaces_nothing(tmp_path, monkeypatch):
+    target = tmp_path / "ema_params.msgpack"
+    target.write_bytes(b"the previous file")
+    path_type = type(files.resolve(str(target)))
+    real_open = path_type.open
+
+    def full(self, mode="r", *args, **kwargs):  # writes fail as on a full disk
+        return _FullDisk() if "w" in mode else real_open(self, mode, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(path_type, "open", full)
+        with pytest.raises(WriteError, match=r"ema_params.msgpack \(No space left on device\)"):
+            files.write_atomically(str(target), b"new params")
+    assert target.read_bytes() == b"the previous file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ema_params.msgpack"]  # no temp
+
+    export_dir = tmp_path / "export"
+    files.write_directory(str(export_dir), {"model.json": lambda: b"{}"})
+
+    def no_space():
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(WriteError, match="No space left on device") as err:
+        files.write_directory(str(export_dir), {"model.json": lambda: b"[]", "big": no_space})
+    assert err.value.exit_code == WorkdirError.exit_code
+    assert (export_dir / "model.json").read_bytes() == b"{}"  # the old export, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ema_params.msgpack", "export"]
 
 
 # --- one trainer per workdir ---------------------------------------------------------------
