@@ -128,9 +128,10 @@ def _multi_process() -> bool:
 class _LibraryInfoFilter(std_logging.Filter):
     """Drops library INFO chatter (orbax logs dozens of lines per save); keeps warnings,
     except orbax's notice that a read-only mode (sample, evaluate, export) opened the
-    checkpoints read-only, which is intended. Orbax's errors keep their one line but not
-    their traceback unless `verbose`: a failed save or read is reported by dtr_jax itself
-    (`checkpoint.CheckpointError`), with what it means for the run."""
+    checkpoints read-only, which is intended. Orbax's errors (and asyncio's about Orbax's
+    pending reads) keep their one line but not their traceback unless `verbose`: a failed
+    save or read is reported by dtr_jax itself (`checkpoint.CheckpointError`), with what it
+    means for the run."""
 
     NOISY = ("/orbax/", "xla_bridge.py")
 
@@ -142,7 +143,9 @@ class _LibraryInfoFilter(std_logging.Filter):
         from_orbax = "/orbax/" in record.pathname
         if from_orbax and record.getMessage().startswith("Given directory is read only"):
             return False
-        if from_orbax and record.exc_info and not self.verbose:
+        # asyncio reports the reads Orbax left pending after a failed restore (their
+        # "Task exception was never retrieved"): one line too, the failure is ours to report.
+        if (from_orbax or record.name == "asyncio") and record.exc_info and not self.verbose:
             record.msg = f"{record.getMessage()} ({record.exc_info[1]!r})"
             record.args, record.exc_info, record.exc_text = (), None, None
         return record.levelno >= std_logging.WARNING or not any(
@@ -161,6 +164,6 @@ class _ClosedLoopFilter:
     def __call__(self, unraisable):
         error = unraisable.exc_value
         if isinstance(error, RuntimeError) and "Event loop is closed" in str(error):
-            logging.info("Ignored after a failed checkpoint read: %s", error)
+            logging.info("Ignored after a failed checkpoint read or write: %s", error)
         else:
             self.hook(unraisable)

@@ -470,3 +470,26 @@ def test_config_file_mistakes(tmp_path):
     cmd[cmd.index(DIGITS)] = str(tmp_path / "nope.py")
     proc = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert_clean_failure(proc, ConfigError.exit_code, "--config cannot be loaded", "nope.py")
+
+
+def test_library_tracebacks_are_one_line_unless_verbose():
+    import logging
+    import sys
+
+    try:
+        raise RuntimeError("a read Orbax left pending")
+    except RuntimeError:
+        info = sys.exc_info()
+    for verbose in (False, True):
+        record = logging.LogRecord(
+            "asyncio",
+            logging.ERROR,
+            "/x/asyncio/base_events.py",
+            1,
+            "Task exception was never retrieved",
+            (),
+            info,
+        )
+        assert modes._LibraryInfoFilter(verbose).filter(record)  # kept: an error
+        assert (record.exc_info is None) != verbose
+        assert ("a read Orbax left pending" in record.getMessage()) != verbose
