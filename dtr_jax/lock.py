@@ -5,8 +5,10 @@ random token and a heartbeat time that a background thread renews every
 `lease / 4` seconds. A second trainer is refused with a message naming the owner.
 A lock is stale, and is taken over with a warning, when its process is gone (same
 host: the pid no longer runs, or runs a newer process) or its heartbeat is older
-than the lease (another host). On a local disk the lock is created exclusively
-(O_EXCL); object stores have no exclusive create, so there the lock is written and
+than the lease (another host). On a local disk the lock is created exclusively (a
+hard link of a complete file: never seen half written), and a stale one is replaced
+under an flock of `trainer.lock.takeover`, so of two trainers taking it over at once
+one wins; object stores have no exclusive create, so there the lock is written and
 read back after a pause: the last writer wins and every other trainer backs off.
 With several processes only process 0 takes the lock, and all of them learn whether
 it did.
@@ -14,6 +16,7 @@ it did.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
@@ -28,6 +31,7 @@ from dtr_jax import files, sharding
 from dtr_jax.errors import WorkdirLocked
 
 LOCK = "trainer.lock"
+TAKEOVER_SUFFIX = ".takeover"  # the flock that serialises takeovers of a stale local lock
 _READ_BACK_SECS = 2.0  # object stores: pause before reading a written lock back
 
 
@@ -55,9 +59,19 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def stale_reason(owner: dict, lease_secs: float, now: float | None = None) -> str | None:
-    """Why the lock `owner` wrote no longer holds (None if it does)."""
+def stale_reason(
+    owner: dict, lease_secs: float, now: float | None = None, written: float | None = None
+) -> str | None:
+    """Why the lock `owner` wrote no longer holds (None if it does). An unreadable lock
+    (`owner` empty) holds for a lease after it was `written`."""
     now = time.time() if now is None else now
+    if not owner:
+        age = now - (now if written is None else written)
+        return (
+            f"it is unreadable and {age:.0f} s old (lease {lease_secs:.0f} s)"
+            if (age > lease_secs)
+            else None
+        )
     if owner.get("host") == socket.gethostname():
         pid = int(owner.get("pid", -1))
         if not _pid_alive(pid):
@@ -73,6 +87,8 @@ def stale_reason(owner: dict, lease_secs: float, now: float | None = None) -> st
 
 
 def describe(owner: dict, now: float | None = None) -> str:
+    if not owner:
+        return "a trainer whose lock cannot be read (being written, or damaged)"
     now = time.time() if now is None else now
     age = now - float(owner.get("heartbeat", now))
     return (
@@ -127,36 +143,70 @@ class WorkdirLock:
     def _acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         record = self._record()
-        if self._create_exclusively(record):
-            return
-        owner = self._read()
-        if owner is not None:
-            reason = stale_reason(owner, self.lease_secs)
-            if reason is None:
-                raise WorkdirLocked(
-                    f"{self.path.parent} is in use by {describe(owner)}; stop that trainer "
-                    f"or use another --workdir (its lock: {self.path})"
-                )
-            logging.warning(
-                "Taking over the stale lock %s of %s: %s", self.path, describe(owner), reason
-            )
-        files.write_atomically(str(self.path), json.dumps(record).encode())
         if files.is_remote(str(self.path)):
-            time.sleep(_READ_BACK_SECS)  # let a concurrent writer land, then check who won
-        if (self._read() or {}).get("token") != self.token:
-            raise WorkdirLocked(f"{self.path.parent} was taken by another trainer just now")
+            return self._acquire_remote(record)
+        for _ in range(3):  # a lock removed or replaced under us: judge the new one
+            if self._create_exclusively(record):
+                return
+            owner = self._read()
+            if owner is None:
+                continue
+            self._refuse_unless_stale(owner)
+            if self._take_over(owner, record):
+                return
+        raise WorkdirLocked(f"{self.path.parent} was taken by another trainer just now")
+
+    def _refuse_unless_stale(self, owner: dict) -> None:
+        try:
+            written = self.path.stat().mtime
+        except OSError:
+            written = None
+        reason = stale_reason(owner, self.lease_secs, written=written)
+        if reason is None:
+            raise WorkdirLocked(
+                f"{self.path.parent} is in use by {describe(owner)}; stop that trainer "
+                f"or use another --workdir (its lock: {self.path})"
+            )
+        logging.warning(
+            "Taking over the stale lock %s of %s: %s", self.path, describe(owner), reason
+        )
 
     def _create_exclusively(self, record: dict) -> bool:
-        """Local disks: create the lock only if absent (atomic). False if it exists."""
-        if files.is_remote(str(self.path)):
-            return False
+        """Creates the (local) lock, whole, only if absent: written aside, then hard-linked
+        into place (atomic, and never seen half written). False if it exists."""
+        tmp = files.tmp_sibling(str(self.path))
+        tmp.write_text(json.dumps(record))
         try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            os.link(tmp, self.path)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f)
+        finally:
+            tmp.unlink()
         return True
+
+    def _take_over(self, stale: dict, record: dict) -> bool:
+        """Replaces the stale lock `stale` by ours, one trainer at a time (an flock on a
+        sibling file): False if the lock changed since it was judged, or another took it."""
+        with open(self.path.with_name(LOCK + TAKEOVER_SUFFIX), "a") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            try:
+                if self._read() != stale:
+                    return False
+                self.path.unlink(missing_ok=True)
+                return self._create_exclusively(record)
+            finally:
+                fcntl.flock(guard, fcntl.LOCK_UN)
+
+    def _acquire_remote(self, record: dict) -> None:
+        """Object stores have no exclusive create: write, pause, read back; the last
+        writer wins and every other trainer backs off."""
+        owner = self._read()
+        if owner is not None:
+            self._refuse_unless_stale(owner)
+        files.write_atomically(str(self.path), json.dumps(record).encode())
+        time.sleep(_READ_BACK_SECS)  # let a concurrent writer land, then check who won
+        if (self._read() or {}).get("token") != self.token:
+            raise WorkdirLocked(f"{self.path.parent} was taken by another trainer just now")
 
     def _beat(self) -> None:
         while not self._stop.wait(self.lease_secs / 4):

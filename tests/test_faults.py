@@ -304,6 +304,36 @@ def test_a_second_trainer_is_refused_and_a_stale_lock_taken_over(tmp_path):
     assert "Taking over the stale lock" in third.stderr and "is gone" in third.stderr
 
 
+def test_of_trainers_taking_over_a_stale_lock_at_once_one_wins(tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = json.dumps(dict(host=socket.gethostname(), pid=dead.pid, heartbeat=0.0))
+    for trial in range(8):
+        workdir = tmp_path / str(trial)
+        workdir.mkdir()
+        (workdir / lock.LOCK).write_text(stale)
+        start_r, start_w = os.pipe()
+        children = []
+        for _ in range(4):
+            pid = os.fork()
+            if pid == 0:  # a trainer: waits for the start, then tries to take the lock
+                os.close(start_w)
+                os.read(start_r, 1)
+                try:
+                    lock.WorkdirLock(str(workdir))._acquire()
+                    os._exit(0)
+                except WorkdirLocked:
+                    os._exit(1)
+                except BaseException:
+                    os._exit(2)
+            children.append(pid)
+        os.close(start_r)
+        os.close(start_w)  # all start at once
+        codes = sorted(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children)
+        assert codes == [0, 1, 1, 1], f"trial {trial}: exit codes {codes}"
+        assert json.loads((workdir / lock.LOCK).read_text())["pid"] in children
+
+
 def test_stale_lock_rules():
     now = 1_000_000.0
     here = dict(host=socket.gethostname(), pid=os.getpid(), heartbeat=now)
@@ -314,6 +344,9 @@ def test_stale_lock_rules():
     elsewhere = dict(host="another-host", pid=1, heartbeat=now - 60)
     assert lock.stale_reason(elsewhere, 600, now) is None  # heartbeat within the lease
     assert "heartbeat is 660 s old" in lock.stale_reason(elsewhere, 600, now + 600)
+    # An unreadable lock (a damaged file) holds for a lease after it was written.
+    assert lock.stale_reason({}, 600, now, written=now - 60) is None
+    assert "unreadable and 660 s old" in lock.stale_reason({}, 600, now, written=now - 660)
 
 
 # --- a read-only workdir -------------------------------------------------------------------
