@@ -42,7 +42,6 @@ import io
 import json
 import os
 import re
-import zipfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -56,9 +55,9 @@ from safetensors import numpy as st_numpy
 
 from dtr_jax import files, routing
 from dtr_jax.models.dit import DiT, sincos_pos_embed
+from dtr_jax.torch_files import Inert, read_torch
 
 SUFFIXES = (".pt", ".pth", ".safetensors")
-TORCH_REQUIREMENT = "torch>=2.5"  # weights_only loading with safe_globals; setup.cfg's extra
 POS_EMBED = "pos_embed"
 ROUTING_BUFFER = re.compile(r"^blocks\.(\d+)\.routing\._unit_mapping$")  # see routing_buffer
 EXPORT_TABLES_KEY = "routing.tables"  # the (G, T, C) tables of a dtr_jax export's safetensors
@@ -243,55 +242,6 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
         else:
             out[key] = np.memmap(path, dtype, "r", offset=8 + n + start, shape=shape)
     return out
-
-
-class Inert:
-    """Stands in for an object of a class a checkpoint's pickle names but that is never
-    imported or run (the DTR release's OmegaConf config): keeps its pickled data only."""
-
-    name = ""
-
-    def __new__(cls, *args, **kwargs):
-        return object.__new__(cls)
-
-    def __init__(self, *args, **kwargs):
-        self.args = args
-
-    def __setstate__(self, state):
-        self.state = state
-
-    def __repr__(self):
-        return f"<inert {self.name}>"
-
-
-def read_torch(path: str):
-    """torch.load(weights_only=True) of `path`, with inert stand-ins for the classes torch
-    does not allow. Files of torch's zip format (the default since torch 1.6) are memory-
-    mapped (tensors are read from disk when converted); older ones are read whole."""
-    try:
-        import torch  # only .pt / .pth files need torch
-    except ImportError:
-        raise ValueError(
-            f"is a PyTorch file: reading it needs torch ({TORCH_REQUIREMENT}: pip install "
-            "'dtr_jax[pytorch]'), or convert it to .safetensors"
-        ) from None
-    try:
-        if not zipfile.is_zipfile(path):  # the legacy format: no mmap, no globals scan
-            return torch.load(path, map_location="cpu", weights_only=True)
-        with open(path, "rb") as f:
-            foreign = torch.serialization.get_unsafe_globals_in_checkpoint(f)
-        stand_ins = [(type("Inert", (Inert,), {"name": name}), name) for name in foreign]
-        with torch.serialization.safe_globals(stand_ins):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # a foreign file fails in torch's reader in many ways, all "unreadable"
-        raise ValueError(f"cannot be read with torch.load(weights_only=True): {_reason(e)}") from e
-
-
-def _reason(error: Exception) -> str:
-    """The line of a torch.load error that says why (torch wraps it in advice)."""
-    boilerplate = ("Weights only load failed", "Check the documentation", "Please file an issue")
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return next((x for x in lines if not x.startswith(boilerplate)), type(error).__name__)
 
 
 def _strip_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:

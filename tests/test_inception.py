@@ -294,3 +294,15 @@ def test_num_batches_tracked_optional():
     sd["Conv2d_1a_3x3.bn.num_batches_tracked"] = np.zeros((), np.int64)
     v = inception.convert_state_dict(sd)
     assert set(v) == {"params", "batch_stats"}
+
+
+def test_files_that_are_not_weights_say_so_without_pickle_advice(tmp_path):
+    text = tmp_path / "weights.pth"
+    text.write_text("not weights")
+    noise = tmp_path / "weights.npz"
+    noise.write_bytes(np.random.default_rng(0).bytes(300))
+    for path, reason in ((text, "is not a PyTorch file"), (noise, "is not an .npz")):
+        with pytest.raises(ValueError, match=reason) as err:
+            inception.read_state_dict(path)
+        assert "pickle" not in str(err.value).replace("legacy pickle", "")
+        assert "weights_only=False" not in str(err.value)

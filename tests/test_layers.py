@@ -20,7 +20,14 @@ PACKAGE = ROOT / "dtr_jax"
 LAYERS = [
     (
         "foundations",
-        ["dtr_jax", "dtr_jax.errors", "dtr_jax.files", "dtr_jax.progress", "dtr_jax.registry"],
+        [
+            "dtr_jax",
+            "dtr_jax.errors",
+            "dtr_jax.files",
+            "dtr_jax.progress",
+            "dtr_jax.registry",
+            "dtr_jax.torch_files",
+        ],
     ),
     (
         "components",

@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -34,6 +35,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from dtr_jax import torch_files
 
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = (
@@ -448,11 +451,16 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
             "converted from it with `python -m dtr_jax.models.inception SRC.pth DST.npz`."
         )
     if path.endswith(".npz"):
-        with np.load(path) as data:
-            return {k: data[k] for k in data.files}
-    import torch  # only needed for .pth files
-
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+        if not zipfile.is_zipfile(path):
+            raise ValueError("is not an .npz (not a zip archive)")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return {k: data[k] for k in data.files}
+        except (OSError, ValueError, zipfile.BadZipFile) as e:
+            raise ValueError(f"is not an .npz of arrays ({e})") from None
+    sd = torch_files.read_torch(path)
+    if not isinstance(sd, dict):
+        raise ValueError(f"holds a {type(sd).__name__}, not a state dict")
     return {k: v.detach().cpu().numpy() for k, v in sd.items()}
 
 

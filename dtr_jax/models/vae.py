@@ -52,6 +52,7 @@ import numpy as np
 import safetensors
 from flax import traverse_util
 
+from dtr_jax import torch_files
 from dtr_jax.errors import ConfigError, integer_problems, raise_problems
 
 Dtype = Any
@@ -486,16 +487,10 @@ def _first_truncated(path: str) -> str:
 
 def _read_bin(path: str) -> dict[str, np.ndarray]:
     try:
-        import torch  # only for .bin files
-    except ImportError:
-        raise ConfigError(
-            [f"{path!r} is a PyTorch file: reading it needs torch; or use the .safetensors file"]
-        ) from None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch_files.read_torch(path)
         return {k: v.detach().float().numpy() for k, v in state.items()}
-    except Exception as e:  # torch raises many kinds on a bad file
-        raise ConfigError([f"{path!r} is not a readable PyTorch state dict ({e})"]) from None
+    except (ValueError, AttributeError) as e:  # not readable, or not a state dict
+        raise ConfigError([f"{path!r} is not a readable PyTorch state dict: {e}"]) from None
 
 
 # Old diffusers attention names (still in some SD VAE files) -> the current ones.
