@@ -223,6 +223,18 @@ class Checkpoints:
         steps = self.committed_steps()
         return steps[-1] if steps else None
 
+    def last_good(self) -> str:
+        """What a failure leaves to resume from, as a sentence for its message: a save in
+        flight (of a state verified finite) is committed first, if it can be."""
+        try:
+            self._commit_previous()
+        except CheckpointError as e:  # the failure being reported matters more
+            logging.error("%s", e)
+        step = self.latest_step()
+        if step is None:
+            return "There is no committed checkpoint yet"
+        return f"The last committed checkpoint is step {step}, intact"
+
     def unfinished(self) -> list[epath.Path]:
         """Step directories without a commit record, and Orbax's temporary directories."""
         if not self.directory.is_dir():
@@ -271,7 +283,7 @@ class Checkpoints:
         if bad:
             raise TrainingDiverged(
                 f"refusing to save step {step}: {bad[0]} (and {len(bad) - 1} more arrays) "
-                f"hold non-finite values; the last good checkpoint is step {self.latest_step()}"
+                f"hold non-finite values; {self.last_good()}"
             )
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         try:
@@ -317,8 +329,7 @@ class Checkpoints:
     def _write_error(self, step: int, error: Exception) -> CheckpointError:
         return CheckpointError(
             f"could not write checkpoint {self.step_dir(step)} ({type(error).__name__}: "
-            f"{error}); it stays uncommitted and is ignored. The last committed checkpoint "
-            f"is step {self.latest_step()}, intact"
+            f"{error}); it stays uncommitted and is ignored. {self.last_good()}"
         )
 
     def _apply_retention(self) -> None:

@@ -85,13 +85,21 @@ def _train(run: Run) -> TrainState:
     setup, mesh, ckpt, writer, cfg = run.setup, run.mesh, run.ckpt, run.writer, run.setup.config
     state = _restore_or_create(run)
     start = int(jax.device_get(state.step))
+    if start >= cfg.num_train_steps:
+        logging.warning(
+            "The checkpoint is at step %d, num_train_steps=%d: nothing to train; writing the "
+            "final outputs of step %d",
+            start,
+            cfg.num_train_steps,
+            start,
+        )
     step_fn = step_lib.jit_train_step(setup, mesh, run.shardings)
     rep = sharding.replicated(mesh)
     tables = None if setup.dm.tables is None else jax.device_put(setup.dm.tables, rep)
     batches = device_batches(get_source(cfg), cfg, sharding.batch_sharding(mesh), start)
     sampler = _SamplerCache(setup, mesh)
     decode = decoders.create(cfg, mesh)  # loads a VAE once, before the first step
-    log = MetricsLog(writer, setup, start, last_good=ckpt.latest_step)
+    log = MetricsLog(writer, setup, start, last_good=ckpt.last_good)
     saver = Checkpointing(ckpt, cfg, log)
     actions = [log, *_sampling_actions(setup, sampler, decode, writer), saver]
     actions += _clu_hooks(cfg, writer, run.workdir, start)
@@ -175,8 +183,8 @@ class MetricsLog:
         summary = step_lib.summarize(self.pending, self.boundaries) if self.pending else {}
         if not np.isfinite(summary.get("loss", 0.0)):
             raise TrainingDiverged(
-                f"loss is {summary['loss']} at step {step}: stopping without saving; the last "
-                f"good checkpoint is step {self.last_good()}"
+                f"loss is {summary['loss']} at step {step}: stopping without saving. "
+                f"{self.last_good()}"
             )
         return summary
 

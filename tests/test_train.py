@@ -254,9 +254,10 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     blow_up = tiny(
         **{"num_train_steps": 8, "checkpoint_every_steps": 1, "optimizer.learning_rate": 1e30}
     )
-    with pytest.raises(FloatingPointError, match="stopping without saving"):
+    with pytest.raises(FloatingPointError, match="stopping without saving") as err:
         train.train_and_evaluate(blow_up, str(tmp_path), devices=one)
     ckpt = checkpoint.Checkpoints(str(tmp_path), read_only=True)
+    assert f"The last committed checkpoint is step {ckpt.latest_step()}, intact" in str(err.value)
     losses = read_scalars(tmp_path, "loss")
     last_finite = max(step for step, loss in losses.items() if np.isfinite(loss))
     assert ckpt.latest_step() <= last_finite < 8
