@@ -30,7 +30,7 @@ flags.register_multi_flags_validator(
 def main(argv):
     del argv
     with modes.reporting(verbose=FLAGS.verbose):
-        modes.setup_process(FLAGS.verbose)
+        modes.setup_process(FLAGS.verbose, FLAGS.mode)
         modes.run(FLAGS.mode, FLAGS.config, FLAGS.workdir)
 
 

@@ -87,10 +87,15 @@ def fail(error: DtrError):
     sys.exit(error.exit_code)
 
 
-def setup_process(verbose: bool = False) -> None:
+# The modes that use TensorFlow: training (clu's summary writer; tfds for photographs)
+# and extraction (tfds builds datasets). The others never import it, and start faster.
+TENSORFLOW_MODES = ("train", "extract")
+
+
+def setup_process(verbose: bool = False, mode: str = "train") -> None:
     """Quiet library logs (`verbose` keeps their tracebacks), join the other processes of
-    a multi-host job, and keep TensorFlow (clu's summaries, tfds) off the accelerators.
-    Call before any TF import."""
+    a multi-host job, and, for a `mode` that uses TensorFlow, keep it off the
+    accelerators. Call before any TF import."""
     # TF only writes summaries and reads data here: keep its import quiet (INFO logs, and
     # the oneDNN notice that TF_CPP_MIN_LOG_LEVEL does not silence).
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
@@ -101,9 +106,10 @@ def setup_process(verbose: bool = False) -> None:
 
     if _multi_process():
         jax.distributed.initialize()
-    import tensorflow as tf
+    if mode in TENSORFLOW_MODES:
+        import tensorflow as tf
 
-    tf.config.set_visible_devices([], "GPU")
+        tf.config.set_visible_devices([], "GPU")
     logging.info(
         "JAX process %d/%d, %d local / %d global devices",
         jax.process_index(),

@@ -167,3 +167,16 @@ def test_every_mode_runs_a_function_that_exists():
     for entry in modes.ENTRIES.values():
         module, function = entry.split(":")
         assert callable(getattr(importlib.import_module(module), function)), entry
+
+
+def test_modes_that_read_checkpoints_start_without_tensorflow(tmp_path):
+    """sample / evaluate / export never import TensorFlow (seconds saved per command)."""
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['dtr_jax.main', '--config', 'configs/digits.py', '--workdir', "
+        f"{str(tmp_path)!r}, '--mode', 'export']\n"
+        "try:\n    runpy.run_module('dtr_jax.main', run_name='__main__')\n"
+        "except SystemExit as e:\n    assert e.code == 6, e.code  # no checkpoint there\n"
+        "assert 'tensorflow' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, capture_output=True)
