@@ -35,12 +35,17 @@ from etils import epath
 from flax import traverse_util
 
 from dtr_jax import files, routing, sharding
-from dtr_jax.errors import CheckpointError, TrainingDiverged, WorkdirError
+from dtr_jax.errors import CheckpointError, TrainingDiverged, WorkdirError, integer_problems
 
 COMMIT = "commit.json"
 COMMIT_FORMAT = 1
 CORRUPT_SUFFIX = ".corrupt"
 ITEMS = ("state", "meta")
+
+
+def problems(max_to_keep) -> list[str]:
+    """Problems with the checkpoint section's own fields (the lock's: `lock.problems`)."""
+    return integer_problems("max_to_keep", max_to_keep)
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:

@@ -20,6 +20,7 @@ from flax import traverse_util
 from ml_collections import config_dict
 
 from dtr_jax import (
+    checkpoint,
     data,
     decoders,
     diffusion,
@@ -466,7 +467,7 @@ def _training_problems(c, num_devices: int) -> list[str]:
     found += _named(
         "checkpoint",
         c,
-        integer_problems("max_to_keep", k.max_to_keep) + lock.problems(k.lock_lease_secs),
+        checkpoint.problems(k.max_to_keep) + lock.problems(k.lock_lease_secs),
     )
     return found
 

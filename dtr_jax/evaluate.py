@@ -74,12 +74,12 @@ def evaluate_mode(config, workdir: str) -> dict:
     e = config.eval
     classes = selected(config)
     mesh = sharding.make_mesh(config.mesh)
+    if e.samples:  # checked before the evaluators load their weights
+        images, labels = _checked_images(classes, e, e.samples, "eval.samples")
+    instances = [cls(e, mesh) for cls in classes]  # their files are read before sampling
     if e.samples:
         path = e.samples
-        images, labels = _checked_images(classes, e, path, "eval.samples")
-        instances = [cls(e, mesh) for cls in classes]
     else:
-        instances = [cls(e, mesh) for cls in classes]  # their files are read before sampling
         path = sample.sample_to_npz(config, workdir, e.num_samples)
         images, labels = _checked_images(classes, e, path, "the fresh samples")
     name = os.path.splitext(os.path.basename(path))[0]

@@ -42,4 +42,9 @@ def problems(o) -> list[str]:
     for name in ("weight_decay", "grad_clip"):
         if getattr(o, name) < 0:
             out.append(f"{name}={getattr(o, name)!r} must be >= 0")
+    for name in ("b1", "b2"):
+        if not 0.0 <= getattr(o, name) < 1.0:
+            out.append(f"{name}={getattr(o, name)!r} must lie in [0, 1)")
+    if not o.eps > 0:
+        out.append(f"eps={o.eps!r} must be > 0")
     return out + integer_problems("warmup_steps", o.warmup_steps, allow_zero=True)

@@ -118,11 +118,8 @@ def sample_timesteps(
         return jax.random.randint(rng, (batch_size,), 0, num_timesteps, dtype=jnp.int32)
     b = np.asarray(boundaries, dtype=np.int64)
     num_clusters = len(b) - 1
-    if batch_size % num_clusters:
-        raise ValueError(
-            f"batch_size={batch_size} is not divisible by num_clusters={num_clusters}: "
-            "stratified sampling needs an equal share per cluster"
-        )
+    for problem in _stratify_problems(num_clusters, "batch_size", batch_size):
+        raise ValueError(problem)
     reps = batch_size // num_clusters
     lo = jnp.asarray(np.tile(b[:-1], reps), jnp.int32)
     hi = jnp.asarray(np.tile(b[1:], reps), jnp.int32)
@@ -193,8 +190,24 @@ def uw_optimizer(learning_rate: float = 0.025) -> optax.GradientTransformation:
 
 
 def _check_num_clusters(num_timesteps: int, num_clusters: int) -> None:
-    if not 1 <= num_clusters <= num_timesteps:
-        raise ValueError(f"num_clusters={num_clusters} must be in [1, {num_timesteps}]")
+    found = _num_clusters_problems(num_clusters, num_timesteps)
+    if found:
+        raise ValueError(found[0])
+
+
+def _num_clusters_problems(num_clusters: int, num_timesteps: int) -> list[str]:
+    if 1 <= num_clusters <= num_timesteps:
+        return []
+    return [f"num_clusters={num_clusters} must be in [1, {num_timesteps}], the number of timesteps"]
+
+
+def _stratify_problems(num_clusters: int, batch_name: str, batch_size: int) -> list[str]:
+    if batch_size % num_clusters == 0:
+        return []
+    return [
+        f"num_clusters={num_clusters} cannot stratify {batch_name}={batch_size}: it must "
+        "divide the batch (an equal share of samples per cluster)"
+    ]
 
 
 def problems(
@@ -215,14 +228,7 @@ def problems(
         out.append(f"gamma={gamma} must be > 0 for kind {kind!r}")
     if kind == "p2" and not k >= 0:
         out.append(f"k={k} must be >= 0 for kind 'p2'")
-    if not 1 <= num_clusters <= num_timesteps:
-        out.append(
-            f"num_clusters={num_clusters} must be in [1, {num_timesteps}] "
-            f"(num_timesteps={num_timesteps})"
-        )
-    elif kind == "uw" and global_batch_size is not None and global_batch_size % num_clusters:
-        out.append(
-            f"num_clusters={num_clusters} cannot stratify "
-            f"global_batch_size={global_batch_size}: it must divide the global batch"
-        )
-    return out
+    found = _num_clusters_problems(num_clusters, num_timesteps)
+    if not found and kind == "uw" and global_batch_size is not None:
+        found = _stratify_problems(num_clusters, "global_batch_size", global_batch_size)
+    return out + found

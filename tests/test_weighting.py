@@ -200,7 +200,7 @@ def test_uniform_sampler():
 
 
 def test_sampler_batch_not_divisible():
-    with pytest.raises(ValueError, match="batch_size.*num_clusters"):
+    with pytest.raises(ValueError, match="num_clusters=.* cannot stratify batch_size="):
         W.sample_timesteps(jax.random.PRNGKey(0), 12, T, W.uniform_intervals(T, 8))
 
 
@@ -320,5 +320,6 @@ def test_validate_reports_all():
 
 def test_validate_batch_message():
     assert _ok(global_batch_size=12) == [
-        "num_clusters=8 cannot stratify global_batch_size=12: it must divide the global batch"
+        "num_clusters=8 cannot stratify global_batch_size=12: it must divide the batch "
+        "(an equal share of samples per cluster)"
     ]
