@@ -19,7 +19,9 @@ from collections.abc import Callable, Sequence
 
 import jax
 
-from dtr_jax.config import load_config
+from dtr_jax import modes
+from dtr_jax.config import load_config, unknown_field_problems
+from dtr_jax.errors import raise_problems
 
 # Goals of issue 12, checked where a table reports the ratio they are about.
 DTR_OVERHEAD = {"gpu": 1.01, "tpu": 1.01, "cpu": 1.02}  # DTR step time / none step time, <=
@@ -193,15 +195,29 @@ def parse_value(text: str, current):
 
 
 def config_with(path: str, overrides: dict[str, str]):
-    """The config file's config with `field=value` overrides typed like their fields."""
+    """The config file's config with `field=value` overrides typed like their fields;
+    ConfigError for an unknown field or a value of the wrong type."""
     base = load_config(path)
-    typed = {}
+    raise_problems(unknown_field_problems(base, list(overrides)))
+    typed, found = {}, []
     for field, text in overrides.items():
         node = base
         for part in field.split("."):
             node = node[part]
-        typed[field] = parse_value(text, node)
+        try:
+            typed[field] = parse_value(text, node)
+        except ValueError as e:
+            found.append(f"--set {field}={text}: {e} (the field holds {node!r})")
+    raise_problems(found)
     return load_config(path, **typed)
+
+
+def run_main(main: Callable[[], None]) -> None:
+    """Runs a benchmark's `main` as dtr_jax.main runs a mode: an anticipated failure (a
+    config field that does not exist or does not fit) is one `dtr_jax: ...` line and its
+    exit code, not a traceback."""
+    with modes.reporting():
+        main()
 
 
 def parse_assignments(items: Sequence[str]) -> dict[str, str]:

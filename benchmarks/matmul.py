@@ -92,4 +92,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

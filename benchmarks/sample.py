@@ -24,7 +24,7 @@ import numpy as np
 
 from benchmarks import common
 from benchmarks.matmul import default_size, matmul_tflops
-from benchmarks.train_step import Row, variant_text
+from benchmarks.train_step import Row, torch_row, variant_text
 from dtr_jax import inference, sharding
 from dtr_jax import sample as sample_lib
 from dtr_jax.config import validate
@@ -82,8 +82,18 @@ def jax_row(config, kind: str, mesh, variant: dict, batch: int) -> Row:
     config.model.routing.kind = kind
     s = JaxSampler(config, mesh, batch)
     s.run(1)  # warm-up
-    return Row("jax", kind, mesh, variant, config, s.dm.model, s.run, s.compile_seconds,
-               s.memory_mib, no_loss)  # fmt: skip
+    return Row(
+        framework="jax",
+        kind=kind,
+        mesh=mesh,
+        variant=variant,
+        config=config,
+        model=s.dm.model,
+        run=s.run,
+        compile_seconds=s.compile_seconds,
+        memory_mib=s.memory_mib,
+        last_loss=no_loss,
+    )
 
 
 def torch_rows(config, kinds: list[str], modes: list[str], batch: int) -> list[Row]:
@@ -95,8 +105,7 @@ def torch_rows(config, kinds: list[str], modes: list[str], batch: int) -> list[R
     for mode in modes:
         for kind in kinds:
             r = torch_step.SampleRunner(config, kind, compiled=mode == "compiled", batch=batch)
-            rows.append(Row(f"torch {mode}", kind, (1, 1), {}, config, model, r.run,
-                            r.compile_seconds, r.memory_mib, no_loss))  # fmt: skip
+            rows.append(torch_row(mode, kind, config, model, r, no_loss))
     return rows
 
 
@@ -173,4 +182,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

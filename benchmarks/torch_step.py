@@ -349,4 +349,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from benchmarks import common
+
+    common.run_main(main)

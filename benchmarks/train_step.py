@@ -123,17 +123,33 @@ def jax_row(config, kind: str, mesh: tuple[int, int], variant: dict, compile_onl
     if not compile_only:
         step.run(1)  # warm-up
     return Row(
-        "jax",
-        kind,
-        mesh,
-        variant,
-        config,
-        step.setup.dm.model,
-        step.run,
-        step.compile_seconds,
-        common.step_memory_mib(step.compiled),
-        step.last_loss,
-        step.cost(),
+        framework="jax",
+        kind=kind,
+        mesh=mesh,
+        variant=variant,
+        config=config,
+        model=step.setup.dm.model,
+        run=step.run,
+        compile_seconds=step.compile_seconds,
+        memory_mib=common.step_memory_mib(step.compiled),
+        last_loss=step.last_loss,
+        cost=step.cost(),
+    )
+
+
+def torch_row(mode: str, kind: str, config, model, runner, last_loss) -> Row:
+    """The row of a PyTorch runner (one device; `model` is the DiT, for the FLOP count)."""
+    return Row(
+        framework=f"torch {mode}",
+        kind=kind,
+        mesh=(1, 1),
+        variant={},
+        config=config,
+        model=model,
+        run=runner.run,
+        compile_seconds=runner.compile_seconds,
+        memory_mib=runner.memory_mib,
+        last_loss=last_loss,
     )
 
 
@@ -146,20 +162,7 @@ def torch_rows(config, kinds: list[str], modes: list[str]) -> list[Row]:
     for mode in modes:
         for kind in kinds:
             runner = torch_step.TrainRunner(config, kind, compiled=mode == "compiled")
-            rows.append(
-                Row(
-                    f"torch {mode}",
-                    kind,
-                    (1, 1),
-                    {},
-                    config,
-                    model,
-                    runner.run,
-                    runner.compile_seconds,
-                    runner.memory_mib,
-                    runner.last_loss,
-                )
-            )
+            rows.append(torch_row(mode, kind, config, model, runner, runner.last_loss))
     return rows
 
 
@@ -363,4 +366,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)
