@@ -20,7 +20,6 @@ import hashlib
 
 import grain
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import traverse_util
@@ -172,10 +171,7 @@ def encoder(vae, mesh, dtype: str):
     image and its mirror image, [mean, std] each, in model space, as `dtype`."""
 
     def encode(params, pixels):
-        x = images_lib.to_unit_range(pixels)
-        views = (x, x[:, :, ::-1])  # the image and its mirror image
-        moments = [jnp.stack(vae_lib.encode(vae, params, view), axis=1) for view in views]
-        return jnp.stack(moments, axis=1).astype(dtype)
+        return vae_lib.encode_views(vae, params, images_lib.to_unit_range(pixels)).astype(dtype)
 
     batch, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
     return jax.jit(encode, in_shardings=(rep, batch), out_shardings=batch)

@@ -8,8 +8,6 @@ with inert stand-ins for the classes torch does not allow (a pickled OmegaConf c
 
 from __future__ import annotations
 
-import zipfile
-
 TORCH_REQUIREMENT = "torch>=2.5"  # weights_only loading with safe_globals; setup.cfg's extra
 
 
@@ -43,7 +41,7 @@ def read_torch(path: str):
             f"is a PyTorch file: reading it needs torch ({TORCH_REQUIREMENT}: pip install "
             "'dtr_jax[pytorch]'), or convert it to .safetensors"
         ) from None
-    if not zipfile.is_zipfile(path):  # the legacy format: no mmap, no globals scan
+    if not _zip_format(path):  # the legacy format: no mmap, no globals scan
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # any failure means the same to the user
@@ -59,6 +57,12 @@ def read_torch(path: str):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # a foreign file fails in torch's reader in many ways, all "unreadable"
         raise ValueError(f"cannot be read with torch.load(weights_only=True): {_reason(e)}") from e
+
+
+def _zip_format(path: str) -> bool:
+    """Whether `path` starts as torch's zip format does (a truncated one still does)."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
 
 
 def _reason(error: Exception) -> str:

@@ -375,6 +375,13 @@ def encode(vae: AutoencoderKL, params, images) -> tuple[jax.Array, jax.Array]:
     return (mean - c.shift_factor) * c.scaling_factor, jnp.exp(0.5 * logvar) * c.scaling_factor
 
 
+def encode_views(vae: AutoencoderKL, params, images) -> jax.Array:
+    """What `--mode extract` stores per image: float32 (N, 2, 2, h, w, c), the [mean, std]
+    (`encode`) of each image and of its mirror image (flipped left-right)."""
+    views = (images, images[:, :, ::-1])
+    return jnp.stack([jnp.stack(encode(vae, params, v), axis=1) for v in views], axis=1)
+
+
 def decode(vae: AutoencoderKL, params, latents) -> jax.Array:
     """Model-space latents (N, h, w, latent_channels) -> float32 images (N, h * down_factor,
     w * down_factor, out_channels), about [-1, 1] (not clipped)."""
