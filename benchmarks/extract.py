@@ -28,9 +28,11 @@ IMAGENET_TRAIN_IMAGES = 1_281_167
 
 
 def encoder_run(image_size: int, batch: int, dtype: str):
-    """(run(calls) -> seconds per batch, compile seconds) of the jitted encoder."""
+    """(run(calls) -> seconds per batch, compile seconds, devices) of the jitted encoder."""
     vae = vae_lib.AutoencoderKL(vae_lib.VAEConfig(), dtype=jnp.dtype(dtype))
-    mesh = sharding.make_mesh(types.SimpleNamespace(data=-1, fsdp=1))
+    devices = jax.devices()  # as many as split the batch evenly
+    devices = devices[: max(n for n in range(1, len(devices) + 1) if batch % n == 0)]
+    mesh = sharding.make_mesh(types.SimpleNamespace(data=-1, fsdp=1), devices)
     rep, split = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     side = vae.config.down_factor
     init = jax.jit(lambda key: vae.init(key, jnp.zeros((1, side, side, 3)))["params"])
@@ -47,7 +49,7 @@ def encoder_run(image_size: int, batch: int, dtype: str):
     def run(calls: int) -> float:
         return common.timed(lambda: [encode(params, images) for _ in range(calls)])[1] / calls
 
-    return run, compile_seconds
+    return run, compile_seconds, len(devices)
 
 
 def main(argv=None):
@@ -60,7 +62,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     batch = args.batch or (8 if common.accelerator() else 2)
     dtype = args.dtype or common.default_dtype()
-    run, compile_seconds = encoder_run(args.image_size, batch, dtype)
+    run, compile_seconds, devices = encoder_run(args.image_size, batch, dtype)
     seconds = common.median(common.time_interleaved({"vae": run}, args.rounds, args.calls)["vae"])
     per_s = batch / seconds
     hours = IMAGENET_TRAIN_IMAGES / per_s / 3600
@@ -70,9 +72,11 @@ def main(argv=None):
     ]
     print(common.header("Latent extraction", lines))
     print()
-    columns = ["batch", "dtype", "s/batch", "images/s", "ImageNet-1k hours", "compile s"]
-    row = (batch, dtype, common.fmt(seconds, 3), common.fmt(per_s, 2), common.fmt(hours, 1))
-    print(common.table(columns, [(*row, common.fmt(compile_seconds, 1))]))
+    columns = ["batch", "dtype", "devices", "s/batch", "images/s", "images/s/device"]
+    columns += ["ImageNet-1k hours", "compile s"]
+    row = (batch, dtype, devices, common.fmt(seconds, 3), common.fmt(per_s, 2))
+    row += (common.fmt(per_s / devices, 2), common.fmt(hours, 1), common.fmt(compile_seconds, 1))
+    print(common.table(columns, [row]))
 
 
 if __name__ == "__main__":

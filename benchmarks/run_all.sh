@@ -29,6 +29,8 @@ declare -A CPU=(
   [s2_train]="benchmarks.train_step --config configs/dit_s.py --batch 8 --steps 3 --rounds 8 --torch eager,compiled"
   [digits_sample]="benchmarks.sample --config configs/digits.py --batch 64 --kinds none,dtr --torch eager,compiled"
   [xl_compile]="benchmarks.train_step --config configs/dit_xl.py --batch 2 --kinds dtr ${BF16[*]} --vary model.scan_blocks=false,true --compile-only"
+  [extract]="benchmarks.extract --batch 2"
+  [cost]="benchmarks.train_step --config configs/dit_s.py --batch 4 --kinds dtr --vary model.name=DiT-S/2,DiT-B/2,DiT-L/2 --steps 1 --rounds 3"
 )
 declare -A GPU=(
   [matmul]="benchmarks.matmul --size 4096,8192,16384"
@@ -45,6 +47,9 @@ declare -A GPU=(
   [xl_torch]="benchmarks.train_step --config configs/dit_xl.py --batch 32 ${BF16[*]} --set model.attention=cudnn --kinds dtr --torch compiled --steps 10 --rounds 5"
   # 250-step DDPM with guidance: JAX vs the compiled PyTorch sampler
   [b2_sample]="benchmarks.sample --config configs/dit_b.py --batch 64 ${BF16[*]} --kinds none,dtr --torch compiled --rounds 3"
+  # the README's cost table: train images/s of every size, and the extraction's
+  [cost]="benchmarks.train_step --config configs/dit_s.py --batch 256 ${BF16[*]} --set model.scan_blocks=true --set model.remat_policy=dots_with_no_batch_dims_saveable --kinds dtr --vary model.name=DiT-S/2,DiT-B/2,DiT-L/2,DiT-XL/2 --steps 5 --rounds 3"
+  [extract]="benchmarks.extract --batch 64 --dtype bfloat16"
 )
 
 platform=${1:?usage: $0 cpu|gpu [name]}

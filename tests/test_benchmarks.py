@@ -165,9 +165,12 @@ def test_jax_benchmarks_run_without_tensorflow_clu_grain_sklearn_or_torch():
         ["benchmarks.train_step", "--config", "configs/dit_xl.py", "--batch", "2", "--kinds"]
         + ["dtr", "--set", "model.depth=1", "--set", "model.dtype=bfloat16", "--compile-only"]
         + ["--meshes", "1x1"],
+        ["benchmarks.extract", "--image-size", "16", "--batch", "2", "--rounds", "1"],
     ]
-    matmul, train, sampling, xl = run_blocked(runs, BARE_HOST_LACKS + ["torch"])
+    matmul, train, sampling, xl, extract = run_blocked(runs, BARE_HOST_LACKS + ["torch"])
     assert [r[1:5] for r in table_rows(xl, "-")] == [["1x1", "dtr", "2", "bfloat16"]]
+    (row,) = table_rows(extract, "2")
+    assert row[1] == "float32" and float(row[4]) > 0  # images/s of the full-size encoder
     assert re.search(r"\| jax \| 64\^3 \| float32 \| [\d.]+ \| [\d.]+ \|", matmul)
     rows = table_rows(train, "jax")
     assert [(r[2], r[3]) for r in rows] == [("2x1", "none"), ("2x1", "dtr")] + [
