@@ -24,7 +24,7 @@ import numpy as np
 
 from benchmarks import common
 from benchmarks.matmul import default_size, matmul_tflops
-from benchmarks.train_step import Row, torch_row, variant_text
+from benchmarks.train_step import Row, row_of, variant_text
 from dtr_jax import inference, sharding
 from dtr_jax import sample as sample_lib
 from dtr_jax.config import validate
@@ -82,15 +82,14 @@ def jax_row(config, kind: str, mesh, variant: dict, batch: int) -> Row:
     config.model.routing.kind = kind
     s = JaxSampler(config, mesh, batch)
     s.run(1)  # warm-up
-    return Row(
-        framework="jax",
+    return row_of(
+        "jax",
+        s,
         kind=kind,
-        mesh=mesh,
-        variant=variant,
         config=config,
         model=s.dm.model,
-        run=s.run,
-        compile_seconds=s.compile_seconds,
+        mesh=mesh,
+        variant=variant,
         memory_mib=s.memory_mib,
         last_loss=no_loss,
     )
@@ -105,7 +104,17 @@ def torch_rows(config, kinds: list[str], modes: list[str], batch: int) -> list[R
     for mode in modes:
         for kind in kinds:
             r = torch_step.SampleRunner(config, kind, compiled=mode == "compiled", batch=batch)
-            rows.append(torch_row(mode, kind, config, model, r, no_loss))
+            rows.append(
+                row_of(
+                    f"torch {mode}",
+                    r,
+                    kind=kind,
+                    config=config,
+                    model=model,
+                    memory_mib=r.memory_mib,
+                    last_loss=no_loss,
+                )  # fmt: skip
+            )
     return rows
 
 

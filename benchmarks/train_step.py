@@ -122,34 +122,47 @@ def jax_row(config, kind: str, mesh: tuple[int, int], variant: dict, compile_onl
     step = JaxStep(config, mesh, compile_only)
     if not compile_only:
         step.run(1)  # warm-up
-    return Row(
-        framework="jax",
+    return row_of(
+        "jax",
+        step,
         kind=kind,
-        mesh=mesh,
-        variant=variant,
         config=config,
         model=step.setup.dm.model,
-        run=step.run,
-        compile_seconds=step.compile_seconds,
+        mesh=mesh,
+        variant=variant,
         memory_mib=common.step_memory_mib(step.compiled),
         last_loss=step.last_loss,
         cost=step.cost(),
     )
 
 
-def torch_row(mode: str, kind: str, config, model, runner, last_loss) -> Row:
-    """The row of a PyTorch runner (one device; `model` is the DiT, for the FLOP count)."""
+def row_of(
+    framework: str,
+    runner,
+    *,
+    kind: str,
+    config,
+    model,
+    memory_mib: float,
+    last_loss: Callable[[], float],
+    mesh: tuple[int, int] = (1, 1),
+    variant: dict | None = None,
+    cost: dict | None = None,
+) -> Row:
+    """The row of a runner (its `run` and `compile_seconds`); `model` is the DiT, for the
+    FLOP count."""
     return Row(
-        framework=f"torch {mode}",
+        framework=framework,
         kind=kind,
-        mesh=(1, 1),
-        variant={},
+        mesh=mesh,
+        variant=variant or {},
         config=config,
         model=model,
         run=runner.run,
         compile_seconds=runner.compile_seconds,
-        memory_mib=runner.memory_mib,
+        memory_mib=memory_mib,
         last_loss=last_loss,
+        cost=cost or {},
     )
 
 
@@ -162,7 +175,17 @@ def torch_rows(config, kinds: list[str], modes: list[str]) -> list[Row]:
     for mode in modes:
         for kind in kinds:
             runner = torch_step.TrainRunner(config, kind, compiled=mode == "compiled")
-            rows.append(torch_row(mode, kind, config, model, runner, runner.last_loss))
+            rows.append(
+                row_of(
+                    f"torch {mode}",
+                    runner,
+                    kind=kind,
+                    config=config,
+                    model=model,
+                    memory_mib=runner.memory_mib,
+                    last_loss=runner.last_loss,
+                )
+            )
     return rows
 
 
