@@ -375,7 +375,7 @@ class Checkpoints:
         found = []
         for step in reversed(self.committed_steps()):
             path = self.step_dir(step)
-            tree = None
+            tree, refused = None, None
             try:
                 recorded = json.loads((path / COMMIT).read_text())["arrays"]
                 problem = None
@@ -387,10 +387,11 @@ class Checkpoints:
                     self.meta(step)
                     tree = load(step)
                 except Exception as e:  # unusable, unless the store could not be read now
-                    if _not_its_bytes(e):
-                        raise self._read_error(path, e) from e
+                    refused = e if _not_its_bytes(e) else None
                     problem = f"cannot be read ({_short(e)})"
-            # Every host must take the same decision (the checksums are collective).
+            # Every host must take the same decisions (the checksums are collective).
+            if not sharding.all_hosts_agree(refused is None):
+                raise self._read_error(path, refused or RuntimeError("refused on another host"))
             if not sharding.all_hosts_agree(problem is None):
                 problem = problem or "cannot be read on another host"
             if problem is None:
