@@ -22,6 +22,17 @@ steps):
     --config.data.dir=LATENTS
   python -m dtr_jax.main --config configs/ffhq_dit_b.py --workdir WORKDIR --config.data.dir=LATENTS
 
+FID-10K against the photographs' own reference batch, made once (README: An FID reference
+batch of your own data):
+
+  python -m dtr_jax.main --config configs/ffhq_dit_b.py --mode reference \
+    --config.data.folder=FFHQ/images1024x1024 --config.eval.reference=ffhq256_reference.npz \
+    --config.eval.inception_weights=pt_inception-2015-12-05-6726825d.pth
+  python -m dtr_jax.main --config configs/ffhq_dit_b.py --workdir WORKDIR --mode evaluate \
+    --config.sample.decoder=sd_vae --config.vae.path=vaes/sd-vae-ft-ema \
+    --config.eval.num_samples=10000 --config.eval.reference=ffhq256_reference.npz \
+    --config.eval.inception_weights=pt_inception-2015-12-05-6726825d.pth
+
 Weighting variants: `--config.weighting.kind=min_snr`, `uw` or `p2` (`--config.weighting.gamma=1`).
 """
 

@@ -44,7 +44,7 @@ from dtr_jax.errors import (
 from dtr_jax.models import DiT, create_dit, model_architecture
 from dtr_jax.models import vae as vae_lib
 
-MODES = ("train", "sample", "evaluate", "export", "extract")
+MODES = ("train", "sample", "evaluate", "export", "extract", "reference")
 
 __all__ = [
     "MODES",
@@ -183,6 +183,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.inception_weights = ""  # pytorch-fid pt_inception-2015-12-05-6726825d.pth (or .npz)
     c.eval.num_samples = 1000  # fresh samples for --mode evaluate and in-loop evaluation
     c.eval.batch_size = 200  # images per feature-extraction batch
+
+    c.reference = ml_collections.ConfigDict()  # --mode reference: the FID batch of the photos
+    c.reference.num_images = 10_000  # photographs stored as arr_0 (ADM's batches hold 10K)
+    c.reference.stats_images = 0  # photographs whose Inception features give mu, sigma; 0 = all
+    c.reference.seed = 0  # which photographs (a random choice)
 
     c.export = ml_collections.ConfigDict()
     c.export.use_ema = True
@@ -336,6 +341,8 @@ def validate(config, num_devices: int, mode: str = "train") -> None:
         found += _named("data", c, data.SOURCES.problems(c.data.name))
     if mode == "extract":
         found += _extraction_problems(c, num_devices)
+    if mode == "reference":
+        found += _photograph_problems(c) + evaluators.reference_problems(c.reference, c.eval)
     if mode == "evaluate" or (mode == "train" and c.eval_every_steps):
         found += _eval_problems(c, sampling=mode == "train" or not c.eval.samples)
     raise_problems(found)
@@ -487,15 +494,22 @@ def _extraction_problems(c, num_devices: int) -> list[str]:
     """--mode extract: the photographs (extract.source and its data fields), where the
     latents go (data.dir), the VAE and its batch."""
     x, d, v = c.extract, c.data, c.vae
-    found = _named("extract", c, latents.extract_problems(x))
-    if not found:
-        src = data.SOURCES.get(x.source)
-        found += _named("data", c, src.problems(d) if src.problems else [])
+    found = _named("extract", c, latents.extract_problems(x)) or _photograph_problems(c)
     found += _named("data", c, latents.output_problems(d.dir))
     found += _named("vae", c, vae_lib.problems(v.path, v.batch_size))
     return found + sharding.batch_problems(
         "vae.batch_size", v.batch_size, c.mesh.data, c.mesh.fsdp, num_devices
     )
+
+
+def _photograph_problems(c) -> list[str]:
+    """The photographs of `extract.source`: a source of photographs, and its data fields."""
+    x, d = c.extract, c.data
+    found = _named("extract", c, latents.photograph_problems(x.source))
+    if not found:
+        src = data.SOURCES.get(x.source)
+        found += _named("data", c, src.problems(d) if src.problems else [])
+    return found
 
 
 def extract_command(c) -> str:

@@ -21,7 +21,7 @@ import numpy as np
 
 from dtr_jax import digits_eval, files, metrics, npz, sharding
 from dtr_jax.data.sources import SOURCES
-from dtr_jax.errors import ConfigError, InputFileError
+from dtr_jax.errors import ConfigError, InputFileError, integer_problems
 from dtr_jax.models import inception
 from dtr_jax.registry import Registry
 
@@ -57,6 +57,23 @@ def problems(e, chosen: list[str]) -> list[str]:
     if not (isinstance(e.batch_size, int) and e.batch_size >= 1):
         out.append(f"batch_size={e.batch_size!r} must be a positive integer")
     return out
+
+
+def reference_problems(r, e) -> list[str]:
+    """Problems with a `reference` section and the `eval` fields of writing a reference
+    batch (`--mode reference`), named by field."""
+    out = [] if e.reference else ["eval.reference='' names no .npz to write"]
+    if e.inception_weights and not os.path.isfile(e.inception_weights):
+        out.append(f"eval.inception_weights={e.inception_weights!r}: no such file")
+    if not (isinstance(r.num_images, int) and r.num_images >= 4):
+        out.append(
+            f"reference.num_images={r.num_images!r} must be an integer >= 4 (precision and "
+            "recall take each image's 3rd nearest neighbour)"
+        )
+    if not (isinstance(r.stats_images, int) and (r.stats_images == 0 or r.stats_images >= 2)):
+        out.append(f"reference.stats_images={r.stats_images!r} must be 0 (all) or an integer >= 2")
+    out += integer_problems("reference.seed", r.seed, allow_zero=True)
+    return out + integer_problems("eval.batch_size", e.batch_size)
 
 
 # --- ADM-style .npz files ---------------------------------------------------------------
@@ -168,13 +185,66 @@ class DigitsMetrics(Evaluator):
         return {f"digits_{k}": float(v) for k, v in self._classifier(images, labels).items()}
 
 
+class InceptionFeatures:
+    """The FID InceptionV3 of the pytorch-fid weights file `weights` (`field` names it in
+    errors), replicated over `mesh`, applied to uint8 images in global batches of
+    `batch_size` split over the mesh. ADM's evaluator takes IS from softmax(pool @ W)
+    without the fc bias: so do the logits here."""
+
+    def __init__(self, weights: str, batch_size: int, mesh, field="eval.inception_weights"):
+        try:
+            variables = inception.load_pytorch_fid_weights(weights)
+        except FileNotFoundError as err:
+            raise ConfigError([f"{field}: {err}"]) from None
+        except Exception as err:  # unreadable, or not the FID Inception weights
+            raise InputFileError([f"{field}={weights!r}: {type(err).__name__}: {err}"]) from None
+        self.mesh, self.batch_size = mesh, batch_size
+        variables = jax.device_put(variables, sharding.replicated(mesh))
+        self._features = inception.make_feature_fn(variables, fc_bias=False)
+        # What else determines the features: names their cache.
+        self.settings = dict(weights=files.identity(weights), batch=batch_size)
+
+    def parts(self, images, cache_dir=None, what="samples") -> npz.Parts:
+        """The features of uint8 `images` (sliceable, e.g. memory-mapped), one part
+        {pool (n, 2048), logits (n, 1008)} float32 per batch, read batch by batch; with
+        `cache_dir`, kept there batch by batch (resumable). `what` names the images in the
+        progress logs."""
+        n, size = len(images), self.batch_size
+        starts = range(0, n, size)
+        directory = None
+        if cache_dir is not None:
+            directory = f"{cache_dir}/inception_{npz.digest(self.settings)}"
+        parts = npz.Parts(len(starts), directory)
+
+        def batch(i: int) -> dict[str, np.ndarray]:
+            return self.batch(images[starts[i] : starts[i] + size])
+
+        parts.fill(batch, [min(size, n - lo) for lo in starts], f"Inception features of {what}")
+        return parts
+
+    def __call__(self, images, cache_dir=None, what="samples") -> tuple[np.ndarray, np.ndarray]:
+        """(pool (N, 2048), logits (N, 1008)), float64, of uint8 images (see `parts`)."""
+        pool, logits = self.parts(images, cache_dir, what).concatenated(
+            "pool", "logits", dtype=np.float64
+        )
+        return pool, logits
+
+    def batch(self, images) -> dict[str, np.ndarray]:
+        """{pool, logits} of one batch of uint8 images (gray become RGB), on every host."""
+        images = np.asarray(images)
+        if images.shape[-1] == 1:
+            images = np.repeat(images, 3, axis=-1)
+        out = sharding.host_gather(self._features(sharding.put_batch(images, self.mesh)))
+        return {k: np.asarray(v[: len(images)]) for k, v in out.items()}
+
+
 @EVALUATORS.register("inception")
 class InceptionMetrics(Evaluator):
     """FID, IS and improved precision/recall (k = 3) in the FID InceptionV3's feature
-    space, as ADM's evaluator computes them. Features are extracted in batches of
-    `eval.batch_size` split over the mesh (the network replicated), those of the reference
-    images once, at the first call. FID is taken against the reference's stored mu and
-    sigma where it has them, else against its images' statistics."""
+    space, as ADM's evaluator computes them (`InceptionFeatures`, in batches of
+    `eval.batch_size`), those of the reference images once, at the first call. FID is
+    taken against the reference's stored mu and sigma where it has them, else against
+    its images' statistics."""
 
     IS_SPLIT = 5000  # ADM's Inception Score: the mean over chunks of 5000 samples
 
@@ -200,45 +270,8 @@ class InceptionMetrics(Evaluator):
             )
 
     def __init__(self, e, mesh):
-        try:
-            variables = inception.load_pytorch_fid_weights(e.inception_weights)
-        except FileNotFoundError as err:
-            raise ConfigError([f"eval.inception_weights: {err}"]) from None
-        except Exception as err:  # unreadable, or not the FID Inception weights
-            field = f"eval.inception_weights={e.inception_weights!r}"
-            raise InputFileError([f"{field}: {type(err).__name__}: {err}"]) from None
-        self.mesh, self.batch_size = mesh, e.batch_size
-        variables = jax.device_put(variables, sharding.replicated(mesh))
-        # ADM's evaluator takes IS from softmax(pool @ W) without the fc bias: do the same.
-        self._features = inception.make_feature_fn(variables, fc_bias=False)
+        self.features = InceptionFeatures(e.inception_weights, e.batch_size, mesh)
         self.reference = load_reference(e.reference)
-        # What else determines the features: names their cache.
-        self._settings = dict(weights=files.identity(e.inception_weights), batch=e.batch_size)
-
-    def features(self, images, cache_dir=None, what="samples") -> tuple[np.ndarray, np.ndarray]:
-        """(pool (N, 2048), logits (N, 1008)), float64, of uint8 images (gray become RGB),
-        read batch by batch; with `cache_dir`, kept there batch by batch (resumable).
-        `what` names the images in the progress logs."""
-        n, size = len(images), self.batch_size
-        starts = range(0, n, size)
-        directory = None
-        if cache_dir is not None:
-            directory = f"{cache_dir}/inception_{npz.digest(self._settings)}"
-        parts = npz.Parts(len(starts), directory)
-
-        def batch(i: int) -> dict[str, np.ndarray]:
-            return self._batch(images[starts[i] : starts[i] + size])
-
-        parts.fill(batch, [min(size, n - lo) for lo in starts], f"Inception features of {what}")
-        pool, logits = parts.concatenated("pool", "logits", dtype=np.float64)
-        return pool, logits
-
-    def _batch(self, images) -> dict[str, np.ndarray]:
-        images = np.asarray(images)
-        if images.shape[-1] == 1:
-            images = np.repeat(images, 3, axis=-1)
-        out = sharding.host_gather(self._features(sharding.put_batch(images, self.mesh)))
-        return {k: np.asarray(v[: len(images)]) for k, v in out.items()}
 
     @functools.cached_property
     def _reference_features(self) -> np.ndarray | None:

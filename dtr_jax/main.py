@@ -1,6 +1,7 @@
 """Entry point: python -m dtr_jax.main --config configs/X.py --workdir DIR [--mode ...].
 
-`--mode extract` writes the latents of the data into `data.dir` and takes no workdir.
+`--mode extract` writes the latents of the data into `data.dir`, `--mode reference` the FID
+reference batch of its photographs into `eval.reference`: they take no workdir.
 
 Fields of the config file are overridden with --config.field=value. Anticipated
 failures (dtr_jax.errors) print one `dtr_jax: ...` message and exit with their own
@@ -22,8 +23,8 @@ flags.DEFINE_bool("verbose", False, "Print tracebacks of anticipated errors too.
 flags.mark_flag_as_required("config")
 flags.register_multi_flags_validator(
     ["mode", "workdir"],
-    lambda f: f["mode"] == "extract" or f["workdir"] is not None,
-    message="--workdir must be given (every --mode but extract)",
+    lambda f: f["mode"] in modes.NO_WORKDIR or f["workdir"] is not None,
+    message=f"--workdir must be given (every --mode but {' and '.join(modes.NO_WORKDIR)})",
 )
 
 

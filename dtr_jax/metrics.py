@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable, Iterable
 
 import numpy as np
 from scipy import linalg, special
@@ -19,6 +20,23 @@ def stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if f.ndim != 2 or len(f) < 2:
         raise ValueError(f"features must be (N>=2, D), got shape {f.shape}")
     return f.mean(axis=0), np.cov(f, rowvar=False)
+
+
+def streamed_stats(chunks: Callable[[], Iterable[np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """`stats` of the rows of the (n_i, D) arrays that each call of `chunks()` yields, with
+    one of them in memory at a time: two passes (the mean, then the centred products),
+    in float64, as ``np.cov`` computes them."""
+    n, total = 0, 0.0
+    for f in chunks():
+        total = total + np.asarray(f, np.float64).sum(axis=0)
+        n += len(f)
+    if n < 2:
+        raise ValueError(f"statistics need at least 2 rows, got {n}")
+    mu, scatter = total / n, 0.0
+    for f in chunks():
+        centred = np.asarray(f, np.float64) - mu
+        scatter = scatter + centred.T @ centred
+    return mu, scatter / (n - 1)
 
 
 def frechet_distance(

@@ -23,8 +23,10 @@ ENTRIES = {
     "evaluate": "dtr_jax.evaluate:evaluate_mode",
     "export": "dtr_jax.export:export_mode",
     "extract": "dtr_jax.extract:extract_mode",
+    "reference": "dtr_jax.reference:reference_mode",
 }
 MODES = config_lib.MODES
+NO_WORKDIR = ("extract", "reference")  # the modes that write elsewhere (data.dir, eval.reference)
 
 
 def run(mode: str, config, workdir: str):
@@ -87,9 +89,9 @@ def fail(error: DtrError):
     sys.exit(error.exit_code)
 
 
-# The modes that use TensorFlow: training (clu's summary writer; tfds for photographs)
-# and extraction (tfds builds datasets). The others never import it, and start faster.
-TENSORFLOW_MODES = ("train", "extract")
+# The modes that use TensorFlow: training (clu's summary writer; tfds for photographs),
+# extraction and reference batches (tfds builds datasets). The others never import it.
+TENSORFLOW_MODES = ("train", "extract", "reference")
 
 
 def setup_process(verbose: bool = False, mode: str = "train") -> None:

@@ -94,10 +94,11 @@ def read_array(path: str, key: str) -> np.ndarray:
 # --- writing ----------------------------------------------------------------------------------
 
 
-def concatenate(path: str, sources: Sequence[str]) -> None:
+def concatenate(path: str, sources: Sequence[str], extra: dict | None = None) -> None:
     """Writes the .npz `path` whose arrays are those of the .npz files `sources` joined along
-    axis 0, key by key, holding one source array in memory at a time. Uncompressed (as
-    np.savez), so `read_array` maps it; written atomically."""
+    axis 0, key by key, holding one source array in memory at a time, then the arrays of
+    `extra` as they are. Uncompressed (as np.savez), so `read_array` maps it; written
+    atomically."""
     parts = [headers(source, "a part") for source in sources]
     with files.open_atomically(path) as out, zipfile.ZipFile(out, "w", allowZip64=True) as z:
         for key, (shape, dtype) in parts[0].items():
@@ -108,6 +109,9 @@ def concatenate(path: str, sources: Sequence[str]) -> None:
                 for source in sources:
                     with files.resolve(source).open("rb") as f, np.load(f) as data:
                         member.write(np.ascontiguousarray(data[key], dtype).tobytes())
+        for key, array in (extra or {}).items():
+            with z.open(f"{key}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asarray(array), allow_pickle=False)
 
 
 # --- resumable jobs ---------------------------------------------------------------------------

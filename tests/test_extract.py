@@ -3,7 +3,8 @@ mirror image, stored once; a finished extraction recognised, another refused; a 
 mid-shard resumed with every image exactly once; two processes (jax.distributed on CPU)
 writing their own shards and forming the same global batches as one; TFDS imagenet2012
 built from a manual download; exact resume of training on latents; and the whole path
-photos -> crop -> VAE -> extract -> train -> sample -> decode -> evaluate through the CLI.
+photos -> crop -> VAE -> extract -> train -> sample -> decode -> evaluate (against the
+photographs' reference batch, --mode reference) through the CLI.
 """
 
 import functools
@@ -338,15 +339,16 @@ def test_imagenet2012_built_as_tfrecord_is_refused_with_the_conversion(tmp_path)
 
 
 def test_photos_to_evaluated_samples_through_the_cli(inputs, tmp_path):
-    """crop -> VAE -> extract -> train on the shards -> sample -> decode -> evaluate."""
+    """crop -> VAE -> extract -> train on the shards -> sample -> decode -> evaluate against
+    the photographs' reference batch."""
     f = fields(inputs, tmp_path / "latents", num_train_steps=3, **{"vae.batch_size": 4})
 
     def cli(mode, **extra):
-        cmd = (
-            extract_cli(**f)
-            if mode == "extract"
-            else cli_command(tmp_path / "run", mode, **f | extra)
-        )
+        if mode in modes.NO_WORKDIR:  # extract, reference
+            cmd = extract_cli(**f | extra)
+            cmd[cmd.index("extract")] = mode
+        else:
+            cmd = cli_command(tmp_path / "run", mode, **f | extra)
         done = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         return done.stderr
@@ -365,18 +367,16 @@ def test_photos_to_evaluated_samples_through_the_cli(inputs, tmp_path):
     (samples,) = (tmp_path / "run" / "samples").glob("*.npz")
     with np.load(samples) as npz:
         assert npz["arr_0"].dtype == np.uint8 and npz["arr_0"].shape == (6, 16, 16, 3)
-    real = np.stack([x["image"] for x in images.FolderImages(inputs[0], 16)])
-    np.savez(tmp_path / "reference.npz", arr_0=real)
-    cli(
-        "evaluate",
-        **{
-            "eval.samples": str(samples),
-            "eval.reference": str(tmp_path / "reference.npz"),
-            "eval.inception_weights": random_inception_weights(tmp_path / "inception.npz"),
-            "eval.batch_size": 6,
-        },
-    )
+    fid = {
+        "eval.reference": str(tmp_path / "reference.npz"),
+        "eval.inception_weights": random_inception_weights(tmp_path / "inception.npz"),
+        "eval.batch_size": 6,
+    }
+    cli("reference", **fid)  # the FID reference batch of the photographs
+    cli("evaluate", **fid | {"eval.samples": str(samples)})
     (result,) = (tmp_path / "run" / "eval").glob("*.json")
     metrics = json.loads(result.read_text())
     assert metrics["num_samples"] == 6 and np.isfinite(metrics["fid"]) and metrics["fid"] > 0
+    with np.load(tmp_path / "reference.npz") as ref:  # the 6 crops, and all their statistics
+        assert ref["arr_0"].shape == (6, 16, 16, 3) and ref["sigma"].shape == (2048, 2048)
     assert {"inception_score", "precision", "recall"} <= set(metrics)

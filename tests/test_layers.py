@@ -59,7 +59,16 @@ LAYERS = [
     ),
     ("config", ["dtr_jax.config"]),
     ("inference", ["dtr_jax.inference"]),
-    ("modes", ["dtr_jax.sample", "dtr_jax.evaluate", "dtr_jax.export", "dtr_jax.extract"]),
+    (
+        "modes",
+        [
+            "dtr_jax.sample",
+            "dtr_jax.evaluate",
+            "dtr_jax.export",
+            "dtr_jax.extract",
+            "dtr_jax.reference",
+        ],
+    ),
     ("training", ["dtr_jax.step", "dtr_jax.train"]),
     ("entry points", ["dtr_jax.modes", "dtr_jax.main", "dtr_jax.study"]),
 ]

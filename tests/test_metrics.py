@@ -20,6 +20,18 @@ def test_stats_match_numpy():
     np.testing.assert_allclose(sigma, np.cov(f.astype(np.float64), rowvar=False))
 
 
+def test_streamed_stats_are_those_of_all_rows_at_once():
+    """Chunks of unequal sizes, offset far from 0 (where one-pass sums would lose digits)."""
+    f = 1e3 + np.random.default_rng(3).normal(size=(103, 5)).astype(np.float32)
+    chunks = [f[:40], f[40:41], f[41:]]
+    mu, sigma = metrics.streamed_stats(lambda: iter(chunks))
+    expected_mu, expected_sigma = metrics.stats(f)
+    np.testing.assert_allclose(mu, expected_mu, rtol=1e-14)
+    np.testing.assert_allclose(sigma, expected_sigma, rtol=1e-9)
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        metrics.streamed_stats(lambda: iter([f[:1]]))
+
+
 def test_fid_self_is_zero():
     f = np.random.default_rng(1).normal(size=(500, 32))
     mu, sigma = metrics.stats(f)

@@ -146,10 +146,14 @@ def _remote(directory: str) -> list[str]:
 
 def extract_problems(x) -> list[str]:
     """Problems with an `extract` section: the photographs to encode, the shards."""
-    photos = [name for name in SOURCES if SOURCES.get(name).images]
-    out = [] if x.source in photos else [f"source={x.source!r} is unknown: allowed {photos}"]
-    out += integer_problems("images_per_shard", x.images_per_shard)
+    out = photograph_problems(x.source) + integer_problems("images_per_shard", x.images_per_shard)
     return out + choice_problems("dtype", x.dtype, DTYPES)
+
+
+def photograph_problems(source: str) -> list[str]:
+    """Problems with `source` (extract.source) as the name of a source of photographs."""
+    photos = [name for name in SOURCES if SOURCES.get(name).images]
+    return [] if source in photos else [f"source={source!r} is unknown: allowed {photos}"]
 
 
 def output_problems(directory: str) -> list[str]:
