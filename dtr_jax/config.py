@@ -179,7 +179,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.metrics = ""  # evaluators, e.g. 'digits,inception'; '' = the data's own (+ inception)
     c.eval.samples = ""  # .npz (arr_0 uint8 NHWC) to evaluate; '' = sample from the checkpoint
-    c.eval.reference = ""  # reference .npz: images (arr_0) or statistics (mu, sigma)
+    c.eval.reference = ""  # .npz of images (arr_0) and/or mu, sigma; --mode reference makes one
     c.eval.inception_weights = ""  # pytorch-fid pt_inception-2015-12-05-6726825d.pth (or .npz)
     c.eval.num_samples = 1000  # fresh samples for --mode evaluate and in-loop evaluation
     c.eval.batch_size = 200  # images per feature-extraction batch

@@ -127,7 +127,7 @@ def test_inception_features_over_eight_devices_match_one(tmp_path):
     images = images[:8]
     meshes = [sharding.make_mesh(config.mesh, jax.devices()[:1]), sharding.make_mesh(config.mesh)]
     one, eight = (evaluators.InceptionMetrics(config.eval, mesh) for mesh in meshes)
-    pool = eight._features(sharding.put_batch(images, meshes[1]))["pool"]
+    pool = eight.features._features(sharding.put_batch(images, meshes[1]))["pool"]
     assert pool.sharding.shard_shape(pool.shape) == (1, inception.FEATURE_DIM)  # 1 per device
     for a, b in zip(one.features(images), eight.features(images), strict=True):
         assert a.shape == (8, a.shape[1]) and a.std(axis=0).max() > 1e-2  # image-dependent
@@ -139,7 +139,7 @@ class Interrupted(Exception):
     pass
 
 
-FEATURE_BATCH = evaluators.InceptionMetrics._batch
+FEATURE_BATCH = evaluators.InceptionFeatures.batch
 
 
 def _count_feature_batches(monkeypatch, fail_at=None):
@@ -151,7 +151,7 @@ def _count_feature_batches(monkeypatch, fail_at=None):
         calls.append(len(images))
         return FEATURE_BATCH(self, images)
 
-    monkeypatch.setattr(evaluators.InceptionMetrics, "_batch", counted)
+    monkeypatch.setattr(evaluators.InceptionFeatures, "batch", counted)
     return calls
 
 
