@@ -220,9 +220,10 @@ def with_overrides(config, **overrides) -> ml_collections.ConfigDict:
     return config
 
 
-def unknown_field_problems(config, names) -> list[str]:
+def unknown_field_problems(config, names, prefix: str = "--config.") -> list[str]:
     """One problem per dotted name in `names` that is not a field (or section) of
-    `config`, suggesting the closest fields: same section first, then anywhere."""
+    `config`, suggesting the closest fields: same section first, then anywhere. Names
+    are shown as `prefix` + name (a command-line flag by default)."""
     known = sorted(flat_fields(config))
     sections = {k.rsplit(".", i)[0] for k in known for i in range(1, k.count(".") + 1)}
     out = []
@@ -237,11 +238,11 @@ def unknown_field_problems(config, names) -> list[str]:
             matches = difflib.get_close_matches(leaf, set(leaves.values()), n=2)
             close = [k for k, v in leaves.items() if v in matches][:3]
         hint = (
-            f": did you mean {' or '.join(f'--config.{k}' for k in close)}?"
+            f": did you mean {' or '.join(prefix + k for k in close)}?"
             if close
             else " (every field and its default is in dtr_jax/config.py: default_config)"
         )
-        out.append(f"--config.{name} is not a config field{hint}")
+        out.append(f"{prefix}{name} is not a config field{hint}")
     return out
 
 
@@ -317,6 +318,9 @@ def validate(config, num_devices: int, mode: str = "train") -> None:
     evaluation adds the evaluators and their files.
     """
     raise_problems(choice_problems("--mode", mode, MODES))
+    # A config file may add fields (a typo such as c.model.routing.bta = 0.5): refuse them.
+    added = sorted(set(flat_fields(config)) - set(flat_fields(default_config())))
+    raise_problems(unknown_field_problems(default_config(), added, prefix=""))
     c = config
     m, r = c.model, c.model.routing
     found = _named("model", c, models.problems(m))

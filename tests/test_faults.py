@@ -503,6 +503,18 @@ def test_config_file_mistakes(tmp_path):
     cmd[cmd.index(DIGITS)] = str(tmp_path / "nope.py")
     proc = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert_clean_failure(proc, ConfigError.exit_code, "--config cannot be loaded", "nope.py")
+    typo = tmp_path / "typo.py"  # a field the file adds by mistake, instead of setting one
+    typo.write_text(
+        "from dtr_jax.config import default_config\n\n\n"
+        "def get_config():\n    c = default_config()\n    c.model.routing.bta = 0.5\n    return c\n"
+    )
+    cmd[cmd.index(str(tmp_path / "nope.py"))] = str(typo)
+    proc = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert_clean_failure(
+        proc,
+        ConfigError.exit_code,
+        "model.routing.bta is not a config field: did you mean model.routing.beta?",
+    )
 
 
 def test_library_tracebacks_are_one_line_unless_verbose():
