@@ -22,7 +22,8 @@ import jax
 import numpy as np
 import pytest
 
-from dtr_jax import checkpoint, files, lock, modes, train
+from dtr_jax import checkpoint, files, lock, modes, sharding, train
+from dtr_jax import step as step_lib
 from dtr_jax.errors import (
     CheckpointError,
     ConfigError,
@@ -149,7 +150,14 @@ def uncommit(step_dir):
     (step_dir / checkpoint.COMMIT).unlink()
 
 
-DAMAGES = [truncate, flip_bits, delete_state, delete_meta, uncommit]
+def stale_state(step_dir):
+    """Step 2's arrays in step 4's place: every byte readable, only the checksums differ."""
+    shutil.rmtree(step_dir / "state")
+    shutil.copytree(step_dir.parent / "2" / "state", step_dir / "state")
+
+
+DAMAGES = [truncate, flip_bits, delete_state, delete_meta, uncommit, stale_state]
+REASONS = {stale_state: "does not match its recorded checksum"}
 
 
 def _tree(path):
@@ -172,7 +180,8 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(saved, damage, t
     modes.run("export", config, str(workdir))
     assert json.loads((export_dir / "model.json").read_text())["step"] == 2
     if damage is not uncommit:
-        assert "checkpoints/4 is unusable" in caplog.text
+        assert "checkpoints/4 is unusable: " in caplog.text
+        assert REASONS.get(damage, "") in caplog.text
     assert _tree(workdir / "checkpoints" / "4") == damaged
 
     # The trainer resumes from step 2, moves the damaged step aside untouched, and ends
@@ -184,6 +193,37 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(saved, damage, t
         assert not (workdir / "checkpoints" / "4.corrupt").exists()
     else:
         assert _tree(workdir / "checkpoints" / "4.corrupt") == damaged
+
+
+def test_a_checkpoint_of_non_finite_values_falls_back_to_the_previous(
+    saved, tmp_path, monkeypatch, caplog
+):
+    """A NaN that reached the disk with matching checksums (saves refuse them; here the
+    refusal is bypassed) fails the finiteness check at restore."""
+    source, _ = saved
+    workdir = tmp_path / "run"
+    shutil.copytree(source, workdir)
+    config = tiny(num_train_steps=6, **{"export.dir": str(tmp_path / "export")})
+    setup = step_lib.create_setup(config)
+    abstract, shardings = step_lib.state_layout(setup, sharding.make_mesh(config.mesh, ONE))
+    ckpt = checkpoint.Checkpoints(str(workdir), owner=True)
+    state, step = ckpt.restore(checkpoint.restore_target(abstract, shardings))
+    assert step == 4
+    nan = jax.tree.map(lambda x: x * np.nan, state.ema_params)
+    real = checkpoint.array_records
+    monkeypatch.setattr(
+        checkpoint,
+        "array_records",
+        lambda tree: {k: r | {"finite": True} for k, r in real(tree).items()},
+    )
+    ckpt.save(6, state.replace(ema_params=nan), ckpt.meta(4))
+    ckpt.close()
+    monkeypatch.undo()
+
+    modes.run("export", config, str(workdir))
+    assert json.loads((tmp_path / "export" / "model.json").read_text())["step"] == 4
+    assert "checkpoints/6 is unusable: array ema_params/" in caplog.text
+    assert "holds non-finite values" in caplog.text
 
 
 def test_no_valid_checkpoint_is_a_clear_error_naming_each(saved, tmp_path):
