@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 
-from dtr_jax import modes
+from dtr_jax import models, modes
 from dtr_jax.config import load_config, unknown_field_problems
 from dtr_jax.errors import raise_problems
 
@@ -65,9 +65,9 @@ def accelerator() -> bool:
 
 
 def default_dtype() -> str:
-    """bfloat16 on accelerators (fp32 params and optimizer state), float32 on CPU, where
-    bfloat16 matmuls are emulated and slower."""
-    return "bfloat16" if accelerator() else "float32"
+    """The compute dtype of `model.dtype='auto'` here: bfloat16 on accelerators (fp32
+    params and optimizer state), float32 on CPU, where bfloat16 matmuls are emulated."""
+    return models.compute_dtype(models.AUTO)
 
 
 def _version(package: str) -> str:
@@ -209,7 +209,9 @@ def config_with(path: str, overrides: dict[str, str]):
         except ValueError as e:
             found.append(f"--set {field}={text}: {e} (the field holds {node!r})")
     raise_problems(found)
-    return load_config(path, **typed)
+    config = load_config(path, **typed)
+    config.model.dtype = models.compute_dtype(config.model.dtype)  # rows name what ran
+    return config
 
 
 def run_main(main: Callable[[], None]) -> None:

@@ -164,7 +164,6 @@ def main(argv=None):
     if args.torch:
         common.share_device_with_torch()
     overrides = common.parse_assignments(args.set)
-    overrides.setdefault("model.dtype", common.default_dtype())
     overrides |= {"sample.sampler": "ddpm", "sample.num_steps": str(args.num_steps)}
     if args.cfg_scale is not None:
         overrides["sample.cfg_scale"] = str(args.cfg_scale)

@@ -328,7 +328,6 @@ def main(argv=None):
     parser.add_argument("--set", action="append", default=[], help="field=value override")
     args = parser.parse_args(argv)
     overrides = common.parse_assignments(args.set)
-    overrides.setdefault("model.dtype", common.default_dtype())
     kinds, modes = args.kinds.split(","), args.modes.split(",")
     if args.sample:
         overrides["sample.num_steps"] = str(args.num_steps)

@@ -349,7 +349,6 @@ def main(argv=None):
     if args.torch:
         common.share_device_with_torch()
     overrides = common.parse_assignments(args.set)
-    overrides.setdefault("model.dtype", common.default_dtype())
     if args.batch:
         overrides["global_batch_size"] = str(args.batch)
     kinds = args.kinds.split(",")

@@ -89,7 +89,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.num_classes = 1000  # 1 = unconditional
     c.model.class_dropout_prob = 0.1
     c.model.learn_sigma = True
-    c.model.dtype = "float32"  # compute dtype; params are always float32
+    # compute dtype ('float32', 'bfloat16'); 'auto': bfloat16 on GPU/TPU, float32 on CPU.
+    # Params and AdamW moments are float32 whatever it is.
+    c.model.dtype = "auto"
     # How the model computes, not what: the model spec does not record these three.
     # remat_policy: '' keeps all activations; else one of models.REMAT_POLICIES.
     c.model.remat_policy = ""

@@ -15,7 +15,7 @@ import numpy as np
 from absl import logging
 
 from dtr_jax import config as config_lib
-from dtr_jax import decoders, files, inference, npz, sharding
+from dtr_jax import decoders, files, inference, models, npz, sharding
 from dtr_jax.config import parse_labels
 
 
@@ -114,7 +114,7 @@ def run_settings(config, step: int, num_samples: int) -> dict:
         params="ema" if s.use_ema else "raw",
         step=int(step),
         init_from=str(config.init_from),
-        dtype=str(config.model.dtype),
+        dtype=models.compute_dtype(config.model.dtype),
         sampler=str(s.sampler),
         num_steps=int(s.num_steps),
         ddim_eta=float(s.ddim_eta),

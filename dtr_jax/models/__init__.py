@@ -19,6 +19,7 @@ SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 
 PATCHES = (2, 4, 8)
 MODEL_NAMES = tuple(f"DiT-{s}/{p}" for s in SIZES for p in PATCHES)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+AUTO = "auto"  # a model.dtype resolved by the backend: compute_dtype
 ARCH_FIELDS = ("depth", "hidden_size", "num_heads", "patch_size")
 # '' = no rematerialisation; else a policy of jax.checkpoint_policies (what the backward keeps).
 REMAT_POLICIES = (
@@ -53,7 +54,7 @@ def model_architecture(model_config) -> dict:
 def problems(m) -> list[str]:
     """Problems with a model section (name, dtype, sizes, remat, scan, attention), each
     naming its field."""
-    out = choice_problems("dtype", m.dtype, DTYPES) + _compute_problems(m)
+    out = choice_problems("dtype", m.dtype, (AUTO, *DTYPES)) + _compute_problems(m)
     if not 0.0 <= m.class_dropout_prob <= 1.0:
         out.append(f"class_dropout_prob={m.class_dropout_prob!r} must lie in [0, 1]")
     if m.name not in MODEL_NAMES:
@@ -91,7 +92,7 @@ def _compute_problems(m) -> list[str]:
                 f"attention='cudnn' needs a GPU backend, and this process runs on "
                 f"{jax.default_backend()!r}: use 'xla'"
             )
-        if m.dtype != "bfloat16":
+        if compute_dtype(m.dtype) != "bfloat16":
             out.append(f"attention='cudnn' needs dtype='bfloat16', not {m.dtype!r}")
     return out
 
@@ -120,11 +121,21 @@ def create_dit(
     found = problems(types.SimpleNamespace(name=name, dtype=dtype, **arch, **fields))
     if found:
         raise ValueError("; ".join(f"model.{p}" for p in found))
-    return DiT(dtype=DTYPES[dtype], **architecture(name, **arch), **kwargs)
+    return DiT(dtype=DTYPES[compute_dtype(dtype)], **architecture(name, **arch), **kwargs)
+
+
+def compute_dtype(dtype: str) -> str:
+    """The DTYPES name a `model.dtype` computes in: 'auto' is bfloat16 on accelerators
+    (GPU, TPU: their fast matmul type) and float32 on CPU (bfloat16 matmuls are emulated
+    there, and slower); params and optimizer state are float32 either way."""
+    if dtype != AUTO:
+        return dtype
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
 __all__ = [
     "ATTENTION",
+    "AUTO",
     "COMPUTE_FIELDS",
     "DTYPES",
     "MODEL_NAMES",
@@ -132,6 +143,7 @@ __all__ = [
     "SIZES",
     "DiT",
     "architecture",
+    "compute_dtype",
     "create_dit",
     "model_architecture",
     "problems",
