@@ -33,7 +33,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors
 from absl import logging
 from etils import epath
 from flax import traverse_util
@@ -41,7 +40,7 @@ from safetensors import numpy as st_numpy
 
 import dtr_jax
 from dtr_jax import config as config_lib
-from dtr_jax import files, inference, interop, routing, sharding
+from dtr_jax import files, inference, interop, routing, sharding, torch_files
 from dtr_jax.diffusion import GaussianDiffusion, sampling_problems
 from dtr_jax.errors import ConfigError
 from dtr_jax.models import DiT
@@ -362,27 +361,19 @@ def _read_params(params_path: epath.Path, json_path: epath.Path):
             state = flax.serialization.msgpack_restore(params_path.read_bytes())
             flat = {k: np.asarray(v) for k, v in _flatten(state).items()}
             return flat, _stored_tables(json_path.parent / SAFETENSORS)
-        flat = _read_safetensors(params_path)
-    except (OSError, ValueError, TypeError, safetensors.SafetensorError) as e:
+        flat = {k: np.asarray(v) for k, v in torch_files.read_safetensors(str(params_path)).items()}
+    except (OSError, ValueError, TypeError) as e:
         raise ValueError(f"{params_path} cannot be read: {e}") from e
     tables = flat.pop(TABLES_KEY, None)
     return flat, tables
-
-
-def _read_safetensors(path: epath.Path) -> dict:
-    if files.is_remote(str(path)):
-        return st_numpy.load(path.read_bytes())
-    return st_numpy.load_file(str(path))
 
 
 def _stored_tables(path: epath.Path) -> np.ndarray | None:
     """Only the routing tables of a model.safetensors (None if absent)."""
     if not path.is_file():
         return None
-    if files.is_remote(str(path)):
-        return _read_safetensors(path).get(TABLES_KEY)
-    with safetensors.safe_open(str(path), framework="numpy") as f:
-        return f.get_tensor(TABLES_KEY) if TABLES_KEY in f.keys() else None
+    tables = torch_files.read_safetensors(str(path)).get(TABLES_KEY)
+    return None if tables is None else np.asarray(tables)
 
 
 def _final_tables(spec, rebuilt, stored, json_path, params_path) -> np.ndarray | None:

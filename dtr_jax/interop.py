@@ -39,7 +39,6 @@ import dataclasses
 import functools
 import hashlib
 import io
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -51,11 +50,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import traverse_util
-from safetensors import numpy as st_numpy
 
 from dtr_jax import files, routing
 from dtr_jax.models.dit import DiT, sincos_pos_embed
-from dtr_jax.torch_files import Inert, read_torch
+from dtr_jax.torch_files import Inert, read_safetensors, read_torch
 
 SUFFIXES = (".pt", ".pth", ".safetensors")
 POS_EMBED = "pos_embed"
@@ -192,56 +190,6 @@ def to_numpy(value, dtype=np.float32) -> np.ndarray:
 
 def _is_tensor(value) -> bool:
     return isinstance(value, np.ndarray) or hasattr(value, "detach")
-
-
-_SAFETENSORS_DTYPES = {
-    "F64": np.float64,
-    "F32": np.float32,
-    "F16": np.float16,
-    "BF16": jnp.bfloat16,
-    "I64": np.int64,
-    "I32": np.int32,
-    "I16": np.int16,
-    "I8": np.int8,
-    "U8": np.uint8,
-    "BOOL": np.bool_,
-}
-
-
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """The tensors of a .safetensors file as read-only numpy memmaps (bf16 as ml_dtypes'
-    bfloat16); a file cut short is refused naming the first tensor it lacks."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if size < 8 or n > size - 8:
-            raise ValueError("is not a safetensors file, or its header is cut short")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"has an unreadable safetensors header: {e}") from None
-    header.pop("__metadata__", None)
-    try:
-        entries = sorted(
-            (int(v["data_offsets"][0]), int(v["data_offsets"][1]), k, v["dtype"], tuple(v["shape"]))
-            for k, v in header.items()
-        )
-    except (KeyError, TypeError, ValueError, IndexError) as e:
-        raise ValueError(f"has a malformed safetensors header ({e!r})") from None
-    out = {}
-    for start, end, key, dtype, shape in entries:
-        if 8 + n + end > size:
-            raise ValueError(
-                f"is cut short: tensor {key!r} ends at byte {8 + n + end}, the file has {size}"
-            )
-        if dtype not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"tensor {key!r} has the unsupported dtype {dtype}")
-        dtype = np.dtype(_SAFETENSORS_DTYPES[dtype])
-        if end == start:
-            out[key] = np.zeros(shape, dtype)
-        else:
-            out[key] = np.memmap(path, dtype, "r", offset=8 + n + start, shape=shape)
-    return out
 
 
 def _strip_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -623,6 +571,8 @@ def serialize(state_dict: Mapping[str, np.ndarray], suffix: str) -> bytes:
     """A state dict as the bytes of a .safetensors file (no torch needed) or of a
     torch.save .pt/.pth file (needs torch)."""
     if suffix == ".safetensors":
+        from safetensors import numpy as st_numpy  # only where a file is written
+
         return st_numpy.save(dict(state_dict), metadata={"format": "pt"})
     import torch  # only .pt / .pth files need torch
 
@@ -653,7 +603,6 @@ __all__ = [
     "open_checkpoint",
     "params_from_torch",
     "params_to_torch",
-    "read_safetensors",
     "read_tables",
     "read_torch",
     "save",

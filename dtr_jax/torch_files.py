@@ -1,12 +1,23 @@
-"""Reading PyTorch `.pt` / `.pth` / `.bin` files without trusting them, for every module
-that reads one (the DiT/DTR checkpoints, the SD VAE's `.bin`, the FID Inception weights).
+"""Reading PyTorch's weight files without trusting them, for every module that reads one
+(the DiT/DTR checkpoints, the SD VAE's weights, the FID Inception weights, exports).
 
-torch is imported here only, when such a file is read: where it is missing, the file is
-refused with the extra to install. Nothing in a file runs: `torch.load(weights_only=True)`,
-with inert stand-ins for the classes torch does not allow (a pickled OmegaConf config).
+`.pt` / `.pth` / `.bin`: torch is imported here only, when such a file is read: where it
+is missing, the file is refused with the extra to install. Nothing in a file runs:
+`torch.load(weights_only=True)`, with inert stand-ins for the classes torch does not
+allow (a pickled OmegaConf config). `.safetensors`: read from its header into numpy
+arrays, with neither torch nor the safetensors package.
 """
 
 from __future__ import annotations
+
+import json
+import os
+
+import ml_dtypes
+import numpy as np
+from etils import epath
+
+from dtr_jax import files
 
 TORCH_REQUIREMENT = "torch>=2.5"  # weights_only loading with safe_globals; setup.cfg's extra
 
@@ -70,3 +81,52 @@ def _reason(error: Exception) -> str:
     boilerplate = ("Weights only load failed", "Check the documentation", "Please file an issue")
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return next((x for x in lines if not x.startswith(boilerplate)), type(error).__name__)
+
+
+SAFETENSORS_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """The tensors of a .safetensors file as read-only numpy arrays (memory-mapped from a
+    local file, read whole from an object store; bf16 as ml_dtypes' bfloat16). Raises
+    ValueError saying what is wrong: a file cut short names its first incomplete tensor."""
+    if files.is_remote(path):
+        data = np.frombuffer(epath.Path(path).read_bytes(), np.uint8)
+    else:
+        data = np.memmap(path, np.uint8, "r") if os.path.getsize(path) else np.zeros(0, np.uint8)
+    n = int.from_bytes(data[:8].tobytes(), "little")
+    if len(data) < 8 or n > len(data) - 8:
+        raise ValueError("is not a safetensors file, or its header is cut short")
+    try:
+        header = json.loads(data[8 : 8 + n].tobytes())
+        header.pop("__metadata__", None)
+        entries = sorted(
+            (int(v["data_offsets"][0]), int(v["data_offsets"][1]), k, v["dtype"], tuple(v["shape"]))
+            for k, v in header.items()
+        )
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"has an unreadable safetensors header: {e}") from None
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError) as e:
+        raise ValueError(f"has a malformed safetensors header ({e!r})") from None
+    body, out = data[8 + n :], {}
+    for start, end, key, dtype, shape in entries:
+        if end > len(body):
+            raise ValueError(
+                f"is cut short: first incomplete tensor: {key!r} (ends at byte {8 + n + end} "
+                f"of {len(data)})"
+            )
+        if dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"tensor {key!r} has the unsupported dtype {dtype}")
+        out[key] = body[start:end].view(SAFETENSORS_DTYPES[dtype]).reshape(shape)
+    return out

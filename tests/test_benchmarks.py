@@ -124,7 +124,9 @@ for argv in {runs}:
     runpy.run_module(argv[0], run_name="__main__")
     print("=== end of", argv[0], flush=True)
 """
-BARE_HOST_LACKS = ["tensorflow", "clu", "grain", "tensorflow_datasets", "sklearn"]
+# Everything but jax, flax, optax, numpy and what they bring (orbax, msgpack, scipy, ...).
+BARE_HOST_LACKS = ["tensorflow", "clu", "grain", "tensorflow_datasets", "sklearn", "PIL"]
+BARE_HOST_LACKS += ["safetensors", "matplotlib", "array_record", "diffusers"]
 TINY = ["--config", "configs/digits.py"] + [
     a for f in ("depth=1", "hidden_size=32", "num_heads=2") for a in ("--set", f"model.{f}")
 ]

@@ -12,7 +12,8 @@ them to [-1, 1] for a pixel-space model (as the digits are):
                 manual download in `data.manual_dir` (that needs TensorFlow).
 
 Image files are read with PIL on local disks (or mounted buckets); `center_crop` is the
-one place images are cropped.
+one place images are cropped. PIL is imported where images are read, so that the rest
+(the source registry the config validates with) imports on hosts without pillow.
 """
 
 from __future__ import annotations
@@ -21,21 +22,26 @@ import dataclasses
 import hashlib
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image
 
 from dtr_jax.data.sources import SOURCES, Source
 from dtr_jax.errors import ConfigError, InputFileError, integer_problems
 
+if TYPE_CHECKING:
+    import PIL.Image
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
-def center_crop(image: Image.Image, size: int) -> np.ndarray:
+def center_crop(image: PIL.Image.Image, size: int) -> np.ndarray:
     """ADM's centre crop (guided-diffusion's `center_crop_arr`, which DiT trains with) as
     uint8 (size, size, 3): halve the image with a box filter while its short side is at
     least 2 * size, resize it bicubically so that the short side is `size`, and cut out
     the centre."""
+    from PIL import Image
+
     image = image.convert("RGB")
     while min(image.size) >= 2 * size:
         image = image.resize(tuple(side // 2 for side in image.size), resample=Image.Resampling.BOX)
@@ -133,6 +139,8 @@ class FolderImages:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict:
+        from PIL import Image
+
         path = os.path.join(self.folder, self.paths[index])
         try:
             with Image.open(path) as image:
@@ -194,6 +202,8 @@ class TfdsImages:
         return len(self.data)
 
     def __getitem__(self, index: int) -> dict:
+        from PIL import Image
+
         example = self.data[index]
         pixels = center_crop(Image.fromarray(np.asarray(example["image"])), self.size)
         return {"image": pixels, "label": np.int32(example["label"])}

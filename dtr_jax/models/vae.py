@@ -49,7 +49,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors
 from flax import traverse_util
 
 from dtr_jax import torch_files
@@ -469,27 +468,9 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     if path.endswith(".bin"):
         return _read_bin(path)
     try:
-        with safetensors.safe_open(path, framework="flax") as f:  # flax: bf16 too
-            return {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()}
-    except (OSError, ValueError, safetensors.SafetensorError) as e:
-        cut = _first_truncated(path)
-        raise ConfigError([f"{path!r} is not a readable safetensors file ({e}){cut}"]) from None
-
-
-def _first_truncated(path: str) -> str:
-    """'; first incomplete tensor: ...' for a safetensors file cut short, else ''."""
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n)) if 8 + n <= size else {}
-        ends = sorted((v["data_offsets"][1], k) for k, v in header.items() if k != "__metadata__")
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return ""
-    for end, name in ends:
-        if 8 + n + end > size:
-            return f"; first incomplete tensor: {name!r} (ends at byte {8 + n + end} of {size})"
-    return ""
+        return {k: np.asarray(v, np.float32) for k, v in torch_files.read_safetensors(path).items()}
+    except (OSError, ValueError) as e:
+        raise ConfigError([f"{path!r} {e}"]) from None
 
 
 def _read_bin(path: str) -> dict[str, np.ndarray]:
