@@ -13,10 +13,10 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 
 from dtr_jax import train
-from dtr_jax.config import ConfigError, validate
+from dtr_jax.config import ConfigError, load_config, validate
 from dtr_jax.data import get_source, images, latents
 from dtr_jax.data.pipeline import host_batches
-from helpers import photo_folder, read_scalars, tiny
+from helpers import ROOT, photo_folder, read_scalars, tiny
 
 
 def adm_center_crop_arr(pil_image, image_size):
@@ -254,6 +254,17 @@ def test_missing_latents_are_refused_with_the_command_that_makes_them(tmp_path):
     _fake_extraction(tmp_path, complete=False)
     (problem,) = _problems(config)
     assert "an unfinished extraction (2 of 2 shards)" in problem and "--mode extract" in problem
+
+
+@pytest.mark.parametrize("size", ["s", "b", "l", "xl"])
+def test_the_paper_configs_read_imagenet_latents_and_say_how_to_extract_them(size):
+    """configs/dit_<size>.py as the README runs it, on a machine without the latents."""
+    config = load_config(str(ROOT / "configs" / f"dit_{size}.py"))
+    assert config.data.name == "latents" and config.extract.source == "imagenet2012"
+    (problem,) = _problems(config)
+    assert problem.startswith(f"data.dir={config.data.dir!r}")
+    assert "--mode extract --config.data.dir=" in problem
+    assert "--config.extract.source=imagenet2012 --config.data.manual_dir=" in problem
 
 
 def test_latents_that_do_not_fit_the_model_name_the_model_fields(tmp_path):

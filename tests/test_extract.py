@@ -339,8 +339,8 @@ def test_imagenet2012_built_as_tfrecord_is_refused_with_the_conversion(tmp_path)
 
 
 def test_photos_to_evaluated_samples_through_the_cli(inputs, tmp_path):
-    """crop -> VAE -> extract -> train on the shards -> sample -> decode -> evaluate against
-    the photographs' reference batch."""
+    """crop -> VAE -> extract -> the photographs' reference batch -> train on the shards
+    (evaluated in the loop) -> sample -> decode -> evaluate against the reference."""
     f = fields(inputs, tmp_path / "latents", num_train_steps=3, **{"vae.batch_size": 4})
 
     def cli(mode, **extra):
@@ -360,19 +360,22 @@ def test_photos_to_evaluated_samples_through_the_cli(inputs, tmp_path):
     assert f"--config {DIGITS} --mode extract" in missing.stderr  # this run's config file
 
     assert "images/s, ETA" in cli("extract")
-    cli("train")
-    assert (tmp_path / "run" / "samples.png").is_file()  # decoded by the VAE
-    assert np.isfinite(read_scalars(tmp_path / "run", "loss")[3])
-    cli("sample", **{"sample.num_samples": 6, "sample.batch_size": 4})
-    (samples,) = (tmp_path / "run" / "samples").glob("*.npz")
-    with np.load(samples) as npz:
-        assert npz["arr_0"].dtype == np.uint8 and npz["arr_0"].shape == (6, 16, 16, 3)
     fid = {
         "eval.reference": str(tmp_path / "reference.npz"),
         "eval.inception_weights": random_inception_weights(tmp_path / "inception.npz"),
         "eval.batch_size": 6,
     }
     cli("reference", **fid)  # the FID reference batch of the photographs
+    # training evaluates in the loop as --mode evaluate does: VAE-decoded samples, Inception
+    cli("train", **fid | {"eval_every_steps": 3, "eval.num_samples": 6})
+    assert (tmp_path / "run" / "samples.png").is_file()  # decoded by the VAE
+    assert np.isfinite(read_scalars(tmp_path / "run", "loss")[3])
+    in_loop = read_scalars(tmp_path / "run", "eval/fid")
+    assert list(in_loop) == [3] and np.isfinite(in_loop[3]) and in_loop[3] > 0
+    cli("sample", **{"sample.num_samples": 6, "sample.batch_size": 4})
+    (samples,) = (tmp_path / "run" / "samples").glob("*.npz")
+    with np.load(samples) as npz:
+        assert npz["arr_0"].dtype == np.uint8 and npz["arr_0"].shape == (6, 16, 16, 3)
     cli("evaluate", **fid | {"eval.samples": str(samples)})
     (result,) = (tmp_path / "run" / "eval").glob("*.json")
     metrics = json.loads(result.read_text())

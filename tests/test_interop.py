@@ -22,7 +22,7 @@ from safetensors import torch as st_torch
 
 import helpers
 from dtr_jax import config as config_lib
-from dtr_jax import export, inference, interop, modes, routing, sharding
+from dtr_jax import export, inference, interop, modes, routing, sharding, torch_files
 from dtr_jax import step as step_lib
 from dtr_jax.config import ConfigError, with_overrides
 from dtr_jax.models.dit import DiT, stack_blocks, unstack_blocks
@@ -308,6 +308,32 @@ def test_training_starts_from_the_file_and_resumes_from_its_own_checkpoint(
     assert int(resumed.step) == 3 and int(jax.device_get(resumed.opt_state[0].count)) == 5
 
 
+def test_a_state_dict_fine_tunes_with_a_fresh_optimizer(tmp_path):
+    """The DiT release's files hold weights only: params and EMA start from them, AdamW
+    from scratch."""
+    path = tmp_path / "dit.pt"
+    torch.save(torch_dit(TABLES["dtr"]).state_dict(), path)
+    config = release_config(str(path))
+    state = modes.run("train", config, str(tmp_path / "run"))
+    assert int(state.step) == 2
+    assert int(jax.device_get(state.opt_state[0].count)) == 2  # fresh: our 2 steps only
+    imported = interop.open_checkpoint(str(path)).params()
+    lr, decay = config.optimizer.learning_rate, config.optimizer.ema_decay
+    step_size = 2 * lr  # AdamW moves a param <= lr per step
+    moved = 0.0
+    for ema, want, params in zip(
+        jax.tree.leaves(jax.device_get(state.ema_params)),
+        jax.tree.leaves(imported),
+        jax.tree.leaves(jax.device_get(state.params)),
+        strict=True,
+    ):
+        assert np.abs(params - want).max() <= 1.01 * step_size + 1e-7
+        # EMA of the file's weights: (1 - decay) * ((step 1's move) * decay + step 2's)
+        assert np.abs(ema - want).max() <= 1.01 * (1 - decay) * (lr + 2 * lr)
+        moved = max(moved, float(np.abs(params - want).max()))
+    assert moved > 0.1 * step_size  # it trained
+
+
 def test_a_scanned_model_imports_trains_and_exports_the_per_block_layout(release, tmp_path):
     """model.scan_blocks stacks the block params: imports (params, EMA, AdamW moments) are
     stacked to fit, exports unstacked back to the official layout, and a checkpoint of
@@ -493,7 +519,7 @@ def test_export_without_torch_writes_the_safetensors_only(tmp_path, monkeypatch)
     assert sorted(os.listdir(out)) == sorted(
         ["model.json", "model.msgpack", "model.safetensors", "pytorch_model.safetensors"]
     )
-    state = interop.read_safetensors(f"{out}/pytorch_model.safetensors")
+    state = torch_files.read_safetensors(f"{out}/pytorch_model.safetensors")
     assert not any(interop.ROUTING_BUFFER.match(k) for k in state)  # a DiT release layout
     assert_trees_equal(interop.params_from_torch(state), params)
 
@@ -536,6 +562,15 @@ def drop_block(tmp_path, block):
     return path
 
 
+def extra_block(tmp_path):
+    """A deeper model's state dict: its last block is not expected."""
+    sd = torch_dit(TABLES["dtr"]).state_dict()
+    sd |= {k.replace("blocks.0.", f"blocks.{DEPTH}."): v for k, v in sd.items() if "blocks.0." in k}
+    path = tmp_path / "deeper.pt"
+    torch.save(sd, path)
+    return path
+
+
 def other_size(tmp_path):
     path = tmp_path / "wider.safetensors"
     st_torch.save_file(torch_dit(hidden_size=64).state_dict(), str(path))
@@ -571,17 +606,26 @@ def unknown_type(tmp_path):
             r"does not hold this model: 'blocks\.1\.adaLN_modulation\.1\.bias' is missing",
         ),
         (
+            extra_block,
+            rf"does not hold this model: 'blocks\.{DEPTH}\.adaLN_modulation\.1\.bias' is not "
+            "expected",
+        ),
+        (
             other_size,
             r"does not hold this model: 'blocks\.0\.adaLN_modulation\.1\.bias' has shape \(384,\), "
             r"expected \(192,\)",
         ),
-        (lambda p: cut_short(p, ".safetensors"), r"is cut short: tensor '[\w.]+' ends at byte"),
+        (
+            lambda p: cut_short(p, ".safetensors"),
+            r"is cut short: first incomplete tensor: '[\w.]+'",
+        ),
         (lambda p: cut_short(p, ".pt"), "cannot be read with torch.load"),
         (lambda p: p / "nothing.pt", "does not exist"),
         (moved_pos_embed, r"'pos_embed' is not the fixed 2-D sin-cos embedding"),
         (unknown_type, r"has an unknown file type: expected \.pt, \.pth, \.safetensors"),
     ],
-    ids=["truncated", "other_size", "cut_safetensors", "cut_pt", "missing", "pos_embed", "type"],
+    ids=["truncated", "deeper", "other_size", "cut_safetensors", "cut_pt", "missing", "pos_embed"]
+    + ["type"],
 )
 def test_wrong_files_are_refused_naming_the_key(tmp_path, make, message):
     path = make(tmp_path)
