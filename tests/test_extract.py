@@ -13,16 +13,15 @@ import json
 import pathlib
 import re
 import subprocess
-import sys
 import tarfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import portpicker
 import pytest
 from PIL import Image
 
+import multihost
 from dtr_jax import modes, step, train
 from dtr_jax.config import ConfigError, load_config, validate
 from dtr_jax.data import images, latents
@@ -44,7 +43,6 @@ from helpers import (
 )
 
 ONE = jax.devices()[:1]
-MULTIPROCESS = pathlib.Path(__file__).with_name("multiprocess_data.py")
 
 
 @pytest.fixture(scope="module")
@@ -203,21 +201,7 @@ def test_two_processes_write_their_own_shards_and_form_one_processs_batches(inpu
     out = extracted[0].parent / "two"
     out.mkdir()
     config_fields = fields(inputs, out / "latents", global_batch_size=8)
-    port = portpicker.pick_unused_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(MULTIPROCESS), str(i), "2", str(port), str(out)]
-            + [json.dumps(config_fields)],
-            env=cli_env(),
-            cwd=ROOT,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    logs = [p.communicate(timeout=300)[1] for p in procs]
-    for proc, log in zip(procs, logs, strict=True):
-        assert proc.returncode == 0, log[-3000:]
+    logs = multihost.run("data", out, config_fields, cli_env())
     written = [re.findall(r"Wrote \S*/latents-(\d+)-of-00003", log) for log in logs]
     assert written == [["00000", "00002"], ["00001"]]  # shard i by process i % 2
     records, reference = stored(out / "latents"), stored(extracted[0])

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 import pytest
 
+import multihost
 from dtr_jax import checkpoint, files, lock, modes, sharding, train
 from dtr_jax import step as step_lib
 from dtr_jax.errors import (
@@ -342,6 +343,25 @@ def test_a_second_trainer_is_refused_and_a_stale_lock_taken_over(tmp_path):
     third = run_cli(workdir, num_train_steps=3)
     assert third.returncode == 0, third.stderr[-3000:]
     assert "Taking over the stale lock" in third.stderr and "is gone" in third.stderr
+
+
+def test_a_multi_host_trainer_takes_the_lock_once(tmp_path):
+    """Two processes of one jax.distributed job: process 0 takes the lock for both; a
+    lock that a live trainer holds refuses both."""
+    workdir = tmp_path / "run"
+
+    def both(out):
+        out.mkdir()
+        multihost.run("lock", out, {"workdir": str(workdir)}, cli_env())
+        return [json.loads((out / f"process{i}.json").read_text()) for i in range(2)]
+
+    held = both(tmp_path / "held")
+    assert [r.get("owner_pid") for r in held] == [held[0]["pid"]] * 2  # one lock, process 0's
+    assert not (workdir / lock.LOCK).exists()  # released by its owner
+    with lock.WorkdirLock(str(workdir)):  # a live trainer (this process) owns it
+        refused = both(tmp_path / "refused")
+    assert f"pid {os.getpid()}" in refused[0]["refused"]  # process 0 names the owner
+    assert "owned by another trainer" in refused[1]["refused"]
 
 
 def test_of_trainers_taking_over_a_stale_lock_at_once_one_wins(tmp_path):

@@ -214,13 +214,20 @@ def test_validation_reports_every_problem_at_once():
     assert len(err.value.problems) == 3
 
 
+# Two of the four (B/2 and L/2 differ only in size: tests/test_benchmarks.py builds each
+# paper config's model, tests/test_data.py validates each as the README runs it).
 @pytest.mark.parametrize(
     "name, extra",
     [
         ("dit_s", {}),
-        ("dit_b", {"model.dtype": "bfloat16"}),
-        ("dit_l", {"model.remat_policy": "nothing_saveable", "model.scan_blocks": True}),
-        ("dit_xl", {}),
+        (
+            "dit_xl",
+            {
+                "model.dtype": "bfloat16",
+                "model.remat_policy": "nothing_saveable",
+                "model.scan_blocks": True,
+            },
+        ),
     ],
 )
 def test_paper_configs_run_two_synthetic_steps(name, extra, tmp_path):
