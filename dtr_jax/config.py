@@ -321,8 +321,9 @@ def validate(config, num_devices: int, mode: str = "train") -> None:
     """
     raise_problems(choice_problems("--mode", mode, MODES))
     # A config file may add fields (a typo such as c.model.routing.bta = 0.5): refuse them.
-    added = sorted(set(flat_fields(config)) - set(flat_fields(default_config())))
-    raise_problems(unknown_field_problems(default_config(), added, prefix=""))
+    defaults = default_config()
+    added = sorted(set(flat_fields(config)) - set(flat_fields(defaults)))
+    raise_problems(unknown_field_problems(defaults, added, prefix=""))
     c = config
     m, r = c.model, c.model.routing
     found = _named("model", c, models.problems(m))
