@@ -13,11 +13,16 @@
 | diffusion | linear schedule, T = 1000, learned sigma, hybrid loss |
 | routing | DTR, beta 0.8, alpha 4 |
 | sampling | 250 DDPM steps, guidance 1.5 |
+| how it computes | scanned blocks, remat `dots_with_no_batch_dims_saveable`, FSDP on all devices |
 | paper FID-50K (DiT -> DiT + DTR) | 12.59 -> 8.90 |
 
-Every row but the size is `default_config()`'s. The run reads the latents `--mode
-extract` writes once (README: Training on ImageNet); `--config.data.name=synthetic`
-trains on random latents of the right shape, to check shapes, sharding and memory.
+Every row but the size and how it computes is `default_config()`'s. How it computes
+changes no result: it makes the paper's batch of 256 fit a v5e-8 (16 GiB a chip), the
+smallest common slice, with the best bound of `--mode plan` (BENCHMARKS.md, optimisation
+log 7); `--config.model.scan_blocks=False` reads checkpoints of the per-block layout.
+The run reads the latents `--mode extract` writes once (README: Training on ImageNet);
+`--config.data.name=synthetic` trains on random latents of the right shape, to check
+shapes, sharding and memory.
 """
 
 from dtr_jax.config import default_config
@@ -26,4 +31,7 @@ from dtr_jax.config import default_config
 def get_config():
     c = default_config()
     c.model.name = "DiT-L/2"
+    c.model.scan_blocks = True  # one compiled block: compiles in a fraction of the time
+    c.model.remat_policy = "dots_with_no_batch_dims_saveable"  # keep matmul outputs only
+    c.mesh.data, c.mesh.fsdp = 1, -1  # params, EMA and moments split over every device
     return c

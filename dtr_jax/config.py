@@ -31,6 +31,7 @@ from dtr_jax import (
     optimizer,
     routing,
     sharding,
+    tpu,
     weighting,
 )
 from dtr_jax.data import latents
@@ -44,15 +45,20 @@ from dtr_jax.errors import (
 from dtr_jax.models import DiT, create_dit, model_architecture
 from dtr_jax.models import vae as vae_lib
 
-MODES = ("train", "sample", "evaluate", "export", "extract", "reference")
+MODES = ("train", "sample", "evaluate", "export", "extract", "reference", "plan")
+# What `--mode plan` may compile (plan.programs): the train step; the sampler (with the VAE
+# decoder of sample.decoder=sd_vae); the in-loop evaluation (eval_every_steps > 0).
+PLAN_PROGRAMS = ("train", "sample", "evaluate")
 
 __all__ = [
     "MODES",
+    "PLAN_PROGRAMS",
     "ConfigError",
     "default_config",
     "load_config",
     "model_spec",
     "parse_labels",
+    "plan_problems",
     "signature",
     "unknown_field_problems",
     "validate",
@@ -194,6 +200,15 @@ def default_config() -> ml_collections.ConfigDict:
     c.export = ml_collections.ConfigDict()
     c.export.use_ema = True
     c.export.dir = ""  # '' = WORKDIR/export
+
+    c.plan = ml_collections.ConfigDict()  # --mode plan: compile for a TPU slice, without it
+    # A Cloud TPU slice ('v5e-8' or 'v5litepod-8', 'v4-32', 'v5p-8', 'v6e-8': v4 and v5p
+    # names count TensorCores, v5e and v6e chips) or a topology ('v5e:4x8');
+    # '' = the TPUs of this machine
+    c.plan.topology = ""
+    c.plan.programs = "train,sample,evaluate"  # what to compile (config.PLAN_PROGRAMS)
+    c.plan.find_batch = False  # also the largest global batch per remat policy and scan
+    c.plan.max_batch = 4096  # the largest global batch find_batch tries
     return c
 
 
@@ -352,6 +367,8 @@ def validate(config, num_devices: int, mode: str = "train") -> None:
         found += _photograph_problems(c) + evaluators.reference_problems(c.reference, c.eval)
     if mode == "evaluate" or (mode == "train" and c.eval_every_steps):
         found += _eval_problems(c, sampling=mode == "train" or not c.eval.samples)
+    if mode == "plan":  # the run's shapes, not its files: nothing is read
+        found += plan_problems(c) + _training_problems(c, num_devices)
     raise_problems(found)
 
 
@@ -546,6 +563,24 @@ def _config_file() -> str:
     if flags.FLAGS.is_parsed() and "config" in flags.FLAGS:
         return config_flags.get_config_filename(flags.FLAGS["config"])
     return "CONFIG"
+
+
+def plan_problems(c) -> list[str]:
+    """The `plan` section: a slice libtpu can compile for, programs, batch limit."""
+    p = c.plan
+    found = tpu.problems(p.topology)
+    found += [f"programs has {n!r}: allowed {list(PLAN_PROGRAMS)}" for n in _names(p.programs)
+              if n not in PLAN_PROGRAMS]  # fmt: skip
+    if not _names(p.programs):
+        found.append(f"programs={p.programs!r} names nothing to compile: {list(PLAN_PROGRAMS)}")
+    if not isinstance(p.find_batch, bool):
+        found.append(f"find_batch={p.find_batch!r} must be True or False")
+    found += integer_problems("max_batch", p.max_batch)
+    return _named("plan", c, found)
+
+
+def _names(text) -> list[str]:
+    return [n.strip() for n in str(text).split(",") if n.strip()]
 
 
 def _eval_problems(c, sampling: bool) -> list[str]:

@@ -102,13 +102,8 @@ class VAEDecoder(Decoder):
         self.upscale = self.vae.config.down_factor
         self.mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
         self.batch_size = config.vae.batch_size
-        rep, batch = sharding.replicated(self.mesh), sharding.batch_sharding(self.mesh)
-        self.params = jax.device_put(params, rep)
-        self._decode = jax.jit(
-            functools.partial(vae_lib.decode, self.vae),
-            in_shardings=(rep, batch),
-            out_shardings=batch,
-        )
+        self.params = jax.device_put(params, sharding.replicated(self.mesh))
+        self._decode = jit_decode(self.vae, self.mesh)
 
     def __call__(self, latents) -> np.ndarray:
         latents = np.asarray(latents, np.float32)
@@ -118,6 +113,15 @@ class VAEDecoder(Decoder):
     def _batch(self, latents: np.ndarray) -> np.ndarray:
         images = self._decode(self.params, sharding.put_batch(latents, self.mesh))
         return to_uint8(sharding.host_gather(images)[: len(latents)])
+
+
+def jit_decode(vae: vae_lib.AutoencoderKL, mesh):
+    """`vae_lib.decode` jitted over `mesh`: fn(params, latents), params replicated,
+    latents and images split over the batch shards."""
+    rep, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    return jax.jit(
+        functools.partial(vae_lib.decode, vae), in_shardings=(rep, batch), out_shardings=batch
+    )
 
 
 def create(config, mesh=None):

@@ -15,6 +15,7 @@ section the field lives in (`model.routing.`) and raises them together.
   5     WorkdirLocked       another trainer owns the workdir
   6     CheckpointError     no valid checkpoint to read, or a checkpoint could not be written
   7     TrainingDiverged    the loss (or the state to save) is not finite
+  8     DoesNotFit          `--mode plan`: a program of the run does not fit the slice's HBM
 """
 
 from __future__ import annotations
@@ -75,6 +76,12 @@ class TrainingDiverged(DtrError, FloatingPointError):
     """The loss became non-finite: the run stops, the last good checkpoint stays."""
 
     exit_code = 7
+
+
+class DoesNotFit(DtrError):
+    """`--mode plan`: a program of the run does not fit the memory of the planned slice."""
+
+    exit_code = 8
 
 
 def raise_problems(problems: list[str]) -> None:

@@ -24,9 +24,11 @@ ENTRIES = {
     "export": "dtr_jax.export:export_mode",
     "extract": "dtr_jax.extract:extract_mode",
     "reference": "dtr_jax.reference:reference_mode",
+    "plan": "dtr_jax.plan:plan_mode",
 }
 MODES = config_lib.MODES
-NO_WORKDIR = ("extract", "reference")  # the modes that write elsewhere (data.dir, eval.reference)
+# the modes that write elsewhere (data.dir, eval.reference), or nothing (plan)
+NO_WORKDIR = ("extract", "reference", "plan")
 
 
 def run(mode: str, config, workdir: str):
@@ -104,6 +106,10 @@ def setup_process(verbose: bool = False, mode: str = "train") -> None:
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     logging.get_absl_handler().addFilter(_LibraryInfoFilter(verbose))
     sys.unraisablehook = _ClosedLoopFilter(sys.unraisablehook)
+    if mode == "plan":
+        from dtr_jax import tpu
+
+        tpu.plan_without_tpus()
     import jax
 
     if _multi_process():

@@ -33,11 +33,7 @@ class Sampler:
 
         # Keep the params' layout where it is on this mesh (e.g. FSDP), else replicate.
         self.params_sharding = jax.tree.map(lambda a: a.sharding if on_mesh(a) else rep, params)
-        self._fn = jax.jit(
-            inference.sample_fn(dm, s),
-            in_shardings=(self.params_sharding, self.batch, rep, rep),
-            out_shardings=self.batch,
-        )
+        self._fn = jit_sampler(dm, s, mesh, self.params_sharding)
         self.tables = None if dm.tables is None else jax.device_put(dm.tables, rep)
 
     def __call__(self, params, labels: np.ndarray, rng) -> np.ndarray:
@@ -55,6 +51,18 @@ class Sampler:
         of time for its compile time and XLA's memory analysis); call the compiled
         executable with (params, global_labels, self.tables, rng)."""
         return self._fn.lower(params, global_labels, self.tables, rng)
+
+
+def jit_sampler(dm: inference.DiffusionModel, s, mesh, params_sharding):
+    """`inference.sample_fn(dm, s)` jitted over `mesh`: fn(params, labels, tables, rng),
+    params laid out as `params_sharding`, labels and samples split over the batch shards,
+    tables and rng replicated (`dtr_jax.plan` compiles it for a TPU slice)."""
+    batch, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+    return jax.jit(
+        inference.sample_fn(dm, s),
+        in_shardings=(params_sharding, batch, rep, rep),
+        out_shardings=batch,
+    )
 
 
 # --- images --------------------------------------------------------------------------

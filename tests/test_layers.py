@@ -55,6 +55,7 @@ LAYERS = [
             "dtr_jax.lock",
             "dtr_jax.plots",
             "dtr_jax.interop",
+            "dtr_jax.tpu",
         ],
     ),
     ("config", ["dtr_jax.config"]),
@@ -69,7 +70,7 @@ LAYERS = [
             "dtr_jax.reference",
         ],
     ),
-    ("training", ["dtr_jax.step", "dtr_jax.train"]),
+    ("training", ["dtr_jax.step", "dtr_jax.train", "dtr_jax.plan"]),
     ("entry points", ["dtr_jax.modes", "dtr_jax.main", "dtr_jax.study"]),
 ]
 LAYER = {module: i for i, (_, modules) in enumerate(LAYERS) for module in modules}

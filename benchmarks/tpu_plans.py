@@ -1,0 +1,195 @@
+"""TPU plans of the paper configs: `--mode plan`'s figures for each config x slice x
+routing x mesh, compiled for the TPU without one (needs libtpu, no TPU).
+
+  python -m benchmarks.tpu_plans                       # every row of BENCHMARKS.md's table
+  python -m benchmarks.tpu_plans --configs dit_xl --topologies v5e-8 --kinds dtr,none \\
+      --set model.remat_policy=nothing_saveable --programs train
+  python -m benchmarks.tpu_plans --table               # the table of the rows done so far
+
+Each row compiles what `--mode plan` compiles (`dtr_jax.plan`: the train step with the
+trip of a scanned model counted, the sampler) and is appended to `--out` (JSON lines) as
+soon as it is done; rows already there are skipped, so an interrupted run continues.
+`--largest` adds the largest global batch that fits (the config's own remat policy and
+scan setting; dtr rows). Compiles run one at a time: DiT-XL/2 takes
+minutes on a 2-core machine. Nothing here runs a step: every figure is compiled, not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import time
+
+from benchmarks import common
+from dtr_jax import config as config_lib
+
+CONFIGS = ("dit_s", "dit_b", "dit_l", "dit_xl", "ffhq_dit_b")
+TOPOLOGIES = ("v4-8", "v5e-8", "v5p-8", "v6e-8", "v5e-32")
+# (mesh.data, mesh.fsdp): all chips on one axis; "config": the config's own mesh
+MESHES = {"data": (-1, 1), "fsdp": (1, -1)}
+DEFAULT_OUT = "benchmarks/results/tpu_plans.jsonl"
+
+
+def row_key(config: str, topology: str, kind: str, mesh: str, overrides: dict) -> str:
+    extra = ",".join(f"{k}={v}" for k, v in sorted(overrides.items()))
+    return f"{config}|{topology}|{kind}|{mesh}|{extra}"
+
+
+def plan_row(config_name, topology, kind, mesh_name, overrides, programs, largest, count) -> dict:
+    """One row: the figures of each program (and the largest batch), as JSON types."""
+    from dtr_jax import plan, sharding  # jax starts here, after the flags are read
+
+    fields = {"model.routing.kind": kind, "plan.topology": topology}
+    if mesh_name != "config":
+        fields["mesh.data"], fields["mesh.fsdp"] = MESHES[mesh_name]
+    config = configured(f"configs/{config_name}.py", overrides, fields)
+    target = plan.target(topology)
+    config_lib.validate(config, target.chips, mode="plan")
+    config = plan.planned_config(config, target)
+    mesh = sharding.make_mesh(config.mesh, target.devices)
+    start = time.perf_counter()
+    figures = []  # the sampler's FLOPs are not in the table: its scanned blocks uncounted
+    if "train" in programs:
+        figures.append(plan.train_step(config, mesh, target.compile_only, count))
+    if "sample" in programs:
+        figures.append(plan.sampler(config, mesh, target.compile_only, count=False))
+    row = dict(
+        key=row_key(config_name, topology, kind, mesh_name, overrides),
+        config=config_name,
+        topology=topology,
+        kind=kind,
+        mesh=f"{mesh.shape['data']}x{mesh.shape['fsdp']}",
+        overrides=overrides,
+        model=config.model.name,
+        batch=config.global_batch_size,
+        steps=config.num_train_steps,
+        chips=target.chips,
+        chip=target.chip.generation,
+        scan_blocks=config.model.scan_blocks,
+        remat_policy=config.model.remat_policy,
+        programs=[dict(vars(f)) for f in figures],
+    )
+    if largest:
+        best = plan.largest(config, mesh, target)
+        row["largest"] = dict(batch=best.batch, compiles=best.compiles)
+    row["seconds"] = time.perf_counter() - start
+    return row
+
+
+def configured(path: str, overrides: dict[str, str], fields: dict):
+    """The config file's config with `--set` overrides (typed like their fields) and
+    `fields`; `model.dtype='auto'` stays: the plan resolves it for the TPU (bfloat16)."""
+    base = config_lib.load_config(path)
+    typed = {}
+    for name, text in overrides.items():
+        node = base
+        for part in name.split("."):
+            node = node[part]
+        typed[name] = common.parse_value(text, node)
+    return config_lib.load_config(path, **typed | fields)
+
+
+def done_keys(path: str) -> set[str]:
+    if not os.path.exists(path):
+        return set()
+    return {json.loads(line)["key"] for line in open(path) if line.strip()}
+
+
+def run(args) -> None:
+    overrides = common.parse_assignments(args.set)
+    done = done_keys(args.out)
+    pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    for config in args.configs.split(","):
+        for topology in args.topologies.split(","):
+            for kind in args.kinds.split(","):
+                for mesh in args.meshes.split(","):
+                    key = row_key(config, topology, kind, mesh, overrides)
+                    if key in done:
+                        continue
+                    largest = args.largest and kind == "dtr"
+                    row = plan_row(
+                        config, topology, kind, mesh, overrides, args.programs,
+                        largest, not args.no_count,
+                    )  # fmt: skip
+                    with open(args.out, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    print(summary(row), flush=True)
+
+
+def summary(row: dict) -> str:
+    parts = [row["key"]]
+    for p in row["programs"]:
+        parts.append(
+            f"{p['program']}: fits {p['fits']}, "
+            f"{(p['arguments'] + p['outputs'] + p['temporaries']) / 2**30:.2f} GiB, "
+            f"{p['flops'] / 1e12:.3f} TFLOP, {p['bytes_accessed'] / 1e9:.2f} GB, "
+            f"{p['compile_seconds']:.0f} s"
+        )
+    return "; ".join(parts)
+
+
+def table(path: str) -> str:
+    """The markdown table of BENCHMARKS.md's "TPU plans" from the rows in `path`."""
+    from dtr_jax import plan, tpu
+
+    columns = [
+        "config", "slice", "routing", "mesh", "train GiB / chip (HBM)", "fits", "largest batch",
+        "TFLOP / chip / step", "bound images/s", "chip-hours, 400K steps", "compile s",
+        "sampler GiB / chip", "sampler fits",
+    ]  # fmt: skip
+    rows = []
+    for line in open(path):
+        r = json.loads(line)
+        chip = tpu.parse_slice(r["topology"]).chip
+        figs = {p["program"]: plan.Figures(**p) for p in r["programs"]}
+        train, smp = figs.get("train step"), figs.get("sampler")
+        fits = train is not None and train.fits
+        t = train.bound_seconds(chip) if fits else float("nan")
+        hours = r["steps"] * t * r["chips"] / 3600
+        rows.append([
+            r["config"], r["topology"], r["kind"], r["mesh"],
+            f"{train.total / 2**30:.2f} ({chip.hbm_gib:g})" if fits else f"> {chip.hbm_gib:g}",
+            "yes" if fits else "**no**",
+            r.get("largest", {}).get("batch", "-"),
+            common.fmt(train.flops / 1e12, 2) if fits else "-",
+            common.fmt(r["batch"] / t, 0) if fits else "-",
+            common.fmt(hours, 0) if fits else "-",
+            common.fmt(train.compile_seconds, 0) if fits else "-",
+            common.fmt(smp.total / 2**30, 2) if smp and smp.fits else "-",
+            "-" if smp is None else ("yes" if smp.fits else "**no**"),
+        ])  # fmt: skip
+    return common.table(columns, rows)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--topologies", default=",".join(TOPOLOGIES))
+    parser.add_argument("--kinds", default="dtr")
+    parser.add_argument("--meshes", default="config", help="config, data, fsdp")
+    parser.add_argument("--programs", default="train,sample", help="train, sample or both")
+    parser.add_argument("--set", action="append", default=[], help="field=value override")
+    parser.add_argument("--largest", action="store_true", help="find the largest batch too")
+    parser.add_argument(
+        "--no-count",
+        action="store_true",
+        help="leave a scanned model's FLOPs and bytes uncounted (two compiles fewer): rows "
+        "that check memory and fit",
+    )
+    parser.add_argument("--out", default=DEFAULT_OUT)
+    parser.add_argument("--table", action="store_true", help="print the table of --out")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.table:
+        print(table(args.out))
+    else:
+        run(args)
+
+
+if __name__ == "__main__":
+    common.run_main(main)

@@ -1,0 +1,160 @@
+"""`--mode plan`: the run's programs compiled for a TPU slice without a TPU (libtpu, from the
+test extra, compiles for a topology description on this CPU machine).
+
+The slices are 4-chip v5e (v5e-4): small models compile in seconds. Deviceless TPU
+compilation works with JAX_PLATFORMS=cpu, which the suite sets: the local backend stays
+the CPU and libtpu is loaded for the topology alone.
+"""
+
+import re
+import subprocess
+
+import numpy as np
+import pytest
+
+from benchmarks import common
+from dtr_jax import config as config_lib
+from dtr_jax import plan, sharding, tpu
+from dtr_jax.errors import ConfigError, DoesNotFit
+from helpers import ROOT, cli_command, cli_env, tiny
+
+SLICE = "v5e-4"
+# Compiled FLOPs of a train step / SPEC §3's 6 x forward MACs x batch: XLA also counts
+# the norms, activations, softmax, loss and AdamW, which the analytic count leaves out:
+# 6.5% of the test model (128 wide), 2% of DiT-S/2 and less of the larger sizes.
+FLOP_TOLERANCE = 0.08
+
+
+@pytest.fixture(scope="module")
+def target():
+    return plan.target(SLICE)
+
+
+def compile_step(target, **overrides):
+    config = plan.planned_config(tiny(**{"plan.topology": SLICE} | overrides), target)
+    config_lib.validate(config, target.chips, mode="plan")
+    mesh = sharding.make_mesh(config.mesh, target.devices)
+    return config, mesh
+
+
+@pytest.mark.parametrize(
+    "text, chips, shape, hosts, name",
+    [
+        ("v4-8", 4, (2, 2, 1), 1, "v4-8"),
+        ("v4-32", 16, (2, 2, 4), 4, "v4-32"),
+        ("v5p-8", 4, (2, 2, 1), 1, "v5p-8"),
+        ("v5litepod-16", 16, (4, 4), 2, "v5e-16"),
+        ("v5e-32", 32, (4, 8), 4, "v5e-32"),
+        ("v6e-8", 8, (2, 4), 1, "v6e-8"),
+        ("v5e:2x2", 4, (2, 2), 1, "v5e-4"),
+        ("v5p:4x4x20", 320, (4, 4, 20), 80, "v5:4x4x20"),
+    ],
+)
+def test_slice_names_resolve_as_cloud_tpu_names_them(text, chips, shape, hosts, name):
+    s = tpu.parse_slice(text)
+    assert (s.chips, s.shape, s.hosts, s.name) == (chips, shape, hosts, name)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("v5e-12", "not a v5e slice: its names count chips"),
+        ("v4-6", "TensorCores, two per chip"),
+        ("v3-8", "not a TPU generation"),
+        ("tpu", "neither a Cloud TPU slice name"),
+        ("v5e:2x2x1", "v5e topologies have 2 axes"),
+    ],
+)
+def test_bad_slices_say_what_is_allowed(text, message):
+    with pytest.raises(ValueError, match=message):
+        tpu.parse_slice(text)
+
+
+def test_bad_plan_fields_are_refused_before_compiling(monkeypatch):
+    bad = tiny(**{"plan.topology": "v5e-12", "plan.programs": "train,fid", "plan.max_batch": 0})
+    with pytest.raises(ConfigError) as e:
+        plan.plan_mode(bad)
+    text = str(e.value)
+    assert "plan.topology='v5e-12'" in text and "plan.programs has 'fid'" in text
+    assert "plan.max_batch=0" in text
+    monkeypatch.setattr(tpu, "libtpu_installed", lambda: False)
+    with pytest.raises(ConfigError, match=r"needs libtpu.*pip install 'jax\[tpu\]=="):
+        plan.plan_mode(tiny(**{"plan.topology": SLICE}))
+
+
+def test_train_step_and_sampler_compile_on_an_fsdp_mesh(target):
+    """(The data mesh: `test_plan_through_the_command_line`.)"""
+    config, mesh = compile_step(target, **{"mesh.data": 1, "mesh.fsdp": 4})
+    train, sampler = plan.programs(config, mesh, target.compile_only)
+    assert train.fits and sampler.fits
+    assert (train.label, sampler.label) == ("train step", "sampler (4 steps)")
+    # the per-chip batch: 16 images of 8x8x1 float32 + int32 labels, over 4 chips
+    assert train.inputs == 16 * (8 * 8 * 4 + 4) / 4
+    assert train.arguments > train.inputs and train.temporaries > 0
+    assert train.flops > 0 and train.bytes_accessed > 0 and train.bound_seconds(target.chip) > 0
+    # all 4 sampling steps: each a guided call of the model on twice the batch
+    model = plan.step_lib.create_setup(config).dm.model
+    per_step = 2 * common.forward_macs(model) * 2 * sampler.batch / target.chips
+    assert sampler.flops > config.sample.num_steps * per_step
+    assert sampler.flops < 2 * config.sample.num_steps * per_step
+
+
+def test_compiled_flops_match_the_spec_count_with_every_scanned_block_counted(target):
+    """The one larger model: 3 scanned blocks 128 wide on 64 tokens, where matmuls
+    dominate. XLA counts a loop body once (its count alone is about half the step's):
+    the plan counts every block, from the blocks unrolled at depth 1 and 2."""
+    size = {"model.depth": 3, "model.hidden_size": 128, "model.num_heads": 2}
+    size |= {"model.input_size": 16, "model.in_channels": 4, "global_batch_size": 32}
+    config, mesh = compile_step(target, **size, **{"model.scan_blocks": True})
+    step = plan.train_step(config, mesh, target.compile_only)
+    model = plan.step_lib.create_setup(config).dm.model
+    analytic = common.train_flops(model, config.global_batch_size) / target.chips
+    assert step.fits and step.flops / analytic == pytest.approx(1.0, abs=FLOP_TOLERANCE)
+
+
+def test_an_oversized_batch_is_reported_as_not_fitting_with_its_numbers(target, capsys):
+    """DiT-S/2 at 1024 images per chip: the compiler refuses it in seconds (a scanned
+    model keeps every block's activations: XLA's rematerialisation cannot shrink it)."""
+    fields = {"global_batch_size": 4096, "model.scan_blocks": True}
+    fields |= {"plan.topology": SLICE, "plan.programs": "train"}
+    config = config_lib.load_config(str(ROOT / "configs" / "dit_s.py"), **fields)
+    with pytest.raises(DoesNotFit, match=f"train step of DiT-S/2 does not fit {SLICE}"):
+        plan.plan_mode(config)
+    out = capsys.readouterr().out
+    assert "| train step | 4096 | - |" in out and "| > 16 | no |" in out
+    # the compiler's own figures: what the step needs and what a chip has
+    assert re.search(r"temporaries \(\d+\.\d+G\) exceeds available HBM \(15\.75G\)", out)
+
+
+def test_largest_batch_search_is_exact_on_a_linear_memory():
+    calls = []
+
+    def memory_at(b):  # 1 GiB + 10 MiB per image, 16 GiB of HBM
+        calls.append(b)
+        m = 2**30 + b * 10 * 2**20
+        return m if m <= 16 * 2**30 else None
+
+    best, tries = plan.largest_fitting(memory_at, 8, 256, 4096, 16 * 2**30)
+    assert best == 1536 and (best + 8) * 10 * 2**20 + 2**30 > 16 * 2**30
+    assert tries == len(calls) <= 6
+
+
+def test_plan_through_the_command_line(tmp_path):
+    cmd = cli_command(tmp_path, "plan", **{"plan.topology": SLICE, "sample.batch_size": 16})
+    cmd.remove("--workdir")
+    cmd.remove(str(tmp_path))
+    done = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert f"on {SLICE}: 4 x TPU v5 lite" in out and "compiled, not run" in out
+    assert "| train step |" in out and "| sampler (4 steps) |" in out
+    rows = [line for line in out.splitlines() if line.startswith("| train step")]
+    assert rows[0].split(" | ")[7] == "yes"
+    assert "chip-hours" in out and "https://cloud.google.com/tpu/docs/v5e" in out
+    assert "TPU_ACCELERATOR_TYPE" not in done.stderr  # libtpu's host search stays quiet
+    assert not list(tmp_path.iterdir())  # nothing written
+    bad = subprocess.run(
+        cmd + ["--config.plan.topology=v5e-3"], env=cli_env(), capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "plan.topology='v5e-3'" in bad.stderr
+    assert np.isfinite(float(rows[0].split(" | ")[-1].replace(",", "").strip(" |")))
