@@ -5,6 +5,7 @@
 #   benchmarks/run_all.sh cpu              # the CPU tables (2-core machine: ~25 min)
 #   benchmarks/run_all.sh gpu              # the GPU tables (one H100/A100: ~25 min)
 #   benchmarks/run_all.sh gpu xl_train     # one of them
+#   benchmarks/run_all.sh plan             # the TPU plans (needs libtpu, no TPU: hours)
 #
 # On a bare accelerator host (jax, flax, optax, orbax, numpy, torch; no ml_collections):
 #   pip download ml-collections --no-deps -d .whl     # once, where a registry is reachable
@@ -52,11 +53,23 @@ declare -A GPU=(
   [extract]="benchmarks.extract --batch 64 --dtype bfloat16"
 )
 
-platform=${1:?usage: $0 cpu|gpu [name]}
+# TPU plans: compiled for the TPU without one (libtpu; any machine), resumable (rows kept
+# in benchmarks/results/tpu_plans.jsonl); hours on a 2-core machine. The table last.
+PLANS=(--out "$OUT/tpu_plans.jsonl")
+declare -A PLAN=(
+  [1_slices]="benchmarks.tpu_plans --configs dit_xl,dit_l,dit_b,dit_s,ffhq_dit_b --topologies v5e-8,v5p-8,v4-8,v6e-8,v5e-32 ${PLANS[*]}"
+  [2_none]="benchmarks.tpu_plans --configs dit_b,dit_xl --topologies v5e-8,v5p-8 --kinds none --programs train ${PLANS[*]}"
+  [3_kinds]="benchmarks.tpu_plans --configs dit_s,dit_l,dit_xl,dit_b,ffhq_dit_b --topologies v5e-8 --kinds random,none --no-count ${PLANS[*]}"
+  [4_meshes]="benchmarks.tpu_plans --configs dit_s,dit_l,dit_xl,dit_b,ffhq_dit_b --topologies v5e-8,v5e-32 --meshes data,fsdp --no-count ${PLANS[*]}"
+  [5_table]="benchmarks.tpu_plans --table ${PLANS[*]}"
+)
+
+platform=${1:?usage: $0 cpu|gpu|plan [name]}
 case $platform in
   cpu) declare -n TABLE=CPU ;;
   gpu) declare -n TABLE=GPU ;;
-  *) echo "usage: $0 cpu|gpu [name]" >&2; exit 2 ;;
+  plan) declare -n TABLE=PLAN ;;
+  *) echo "usage: $0 cpu|gpu|plan [name]" >&2; exit 2 ;;
 esac
 names=("${@:2}")
 if [ ${#names[@]} -eq 0 ]; then

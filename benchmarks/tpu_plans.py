@@ -130,37 +130,110 @@ def summary(row: dict) -> str:
     return "; ".join(parts)
 
 
+def read_rows(path: str) -> list[dict]:
+    return [json.loads(line) for line in open(path) if line.strip()]
+
+
+def _figures(row: dict) -> dict:
+    from dtr_jax import plan
+
+    return {p["program"]: plan.Figures(**p) for p in row["programs"]}
+
+
+def _gib(f) -> str:
+    return "-" if f is None else f"{f.total / 2**30:.2f}" if f.fits else "**no**"
+
+
 def table(path: str) -> str:
-    """The markdown table of BENCHMARKS.md's "TPU plans" from the rows in `path`."""
-    from dtr_jax import plan, tpu
+    """BENCHMARKS.md's "TPU plans" tables from the rows in `path`: the configs as shipped
+    (dtr, the config's mesh), the DTR / none ratios, then the other routings and meshes."""
+    rows = read_rows(path)
+    main = [r for r in rows if r["kind"] == "dtr" and r["key"].split("|")[3] == "config"]
+    rest = [
+        r
+        for r in rows
+        if r not in main and r["kind"] != "none" or r["key"].split("|")[3] != "config"
+    ]
+    return "\n\n".join([main_table(main), ratio_table(rows), check_table(rest)])
+
+
+def main_table(rows: list[dict]) -> str:
+    from dtr_jax import tpu
 
     columns = [
-        "config", "slice", "routing", "mesh", "train GiB / chip (HBM)", "fits", "largest batch",
-        "TFLOP / chip / step", "bound images/s", "chip-hours, 400K steps", "compile s",
-        "sampler GiB / chip", "sampler fits",
+        "config", "slice", "mesh", "train GiB / chip (HBM)", "fits", "largest batch",
+        "TFLOP / chip / step", "GB / chip / step", "bound ms (by)", "bound images/s",
+        "chip-hours, 400K steps", "compile s", "sampler GiB / chip",
     ]  # fmt: skip
-    rows = []
-    for line in open(path):
-        r = json.loads(line)
+    out = []
+    for r in rows:
         chip = tpu.parse_slice(r["topology"]).chip
-        figs = {p["program"]: plan.Figures(**p) for p in r["programs"]}
-        train, smp = figs.get("train step"), figs.get("sampler")
-        fits = train is not None and train.fits
-        t = train.bound_seconds(chip) if fits else float("nan")
+        train, smp = _figures(r).get("train step"), _figures(r).get("sampler")
+        if train is None or not train.fits:
+            none = [r["config"], r["topology"], r["mesh"], f"> {chip.hbm_gib:g}", "**no**"]
+            out.append([*none, *"-------", _gib(smp)])
+            continue
+        t = train.bound_seconds(chip)
         hours = r["steps"] * t * r["chips"] / 3600
-        rows.append([
-            r["config"], r["topology"], r["kind"], r["mesh"],
-            f"{train.total / 2**30:.2f} ({chip.hbm_gib:g})" if fits else f"> {chip.hbm_gib:g}",
-            "yes" if fits else "**no**",
-            r.get("largest", {}).get("batch", "-"),
-            common.fmt(train.flops / 1e12, 2) if fits else "-",
-            common.fmt(r["batch"] / t, 0) if fits else "-",
-            common.fmt(hours, 0) if fits else "-",
-            common.fmt(train.compile_seconds, 0) if fits else "-",
-            common.fmt(smp.total / 2**30, 2) if smp and smp.fits else "-",
-            "-" if smp is None else ("yes" if smp.fits else "**no**"),
+        out.append([
+            r["config"], r["topology"], r["mesh"], f"{train.total / 2**30:.2f} ({chip.hbm_gib:g})",
+            "yes", r.get("largest", {}).get("batch", "-"), common.fmt(train.flops / 1e12, 2),
+            common.fmt(train.bytes_accessed / 1e9, 1),
+            f"{common.fmt(t * 1e3, 1)} ({train.bound_by(chip)})", common.fmt(r["batch"] / t, 0),
+            f"{hours:,.0f}", common.fmt(train.compile_seconds, 0), _gib(smp),
         ])  # fmt: skip
-    return common.table(columns, rows)
+    return common.table(columns, out)
+
+
+def ratio_table(rows: list[dict]) -> str:
+    """DTR / none in compiled FLOPs and bytes of the train step, where both were counted."""
+    by_key = {
+        (r["config"], r["topology"], r["kind"]): r
+        for r in rows
+        if r["key"].split("|")[3] == "config"
+    }
+    out = []
+    for (config, topology, kind), r in by_key.items():
+        none = by_key.get((config, topology, "none"))
+        if kind != "dtr" or none is None:
+            continue
+        d, n = _figures(r).get("train step"), _figures(none).get("train step")
+        if d is None or n is None or not (d.fits and n.fits) or d.flops != d.flops:
+            continue
+        out.append([
+            config, topology, r["mesh"], common.fmt(d.flops / n.flops, 4),
+            common.fmt(d.bytes_accessed / n.bytes_accessed, 4),
+            f"{d.total / 2**30:.2f} / {n.total / 2**30:.2f}",
+        ])  # fmt: skip
+    columns = [
+        "config",
+        "slice",
+        "mesh",
+        "DTR / none FLOPs",
+        "DTR / none bytes",
+        "GiB / chip dtr / none",
+    ]
+    return common.table(columns, out)
+
+
+def check_table(rows: list[dict]) -> str:
+    columns = [
+        "config",
+        "slice",
+        "routing",
+        "mesh",
+        "train GiB / chip",
+        "sampler GiB / chip",
+        "train compile s",
+    ]
+    out = []
+    for r in rows:
+        train, smp = _figures(r).get("train step"), _figures(r).get("sampler")
+        seconds = "-" if train is None or not train.fits else common.fmt(train.compile_seconds, 0)
+        out.append(
+            [r["config"], r["topology"], r["kind"], r["mesh"], _gib(train), _gib(smp), seconds]
+        )
+    return common.table(columns, out)
 
 
 def parse_args(argv=None):

@@ -77,6 +77,8 @@ def test_bad_plan_fields_are_refused_before_compiling(monkeypatch):
     text = str(e.value)
     assert "plan.topology='v5e-12'" in text and "plan.programs has 'fid'" in text
     assert "plan.max_batch=0" in text
+    with pytest.raises(ConfigError, match="plans for this machine's TPUs, and it has 8 cpu"):
+        plan.plan_mode(tiny())  # plan.topology='' on a machine without TPUs
     monkeypatch.setattr(tpu, "libtpu_installed", lambda: False)
     with pytest.raises(ConfigError, match=r"needs libtpu.*pip install 'jax\[tpu\]=="):
         plan.plan_mode(tiny(**{"plan.topology": SLICE}))
