@@ -283,16 +283,16 @@ def _flag(argv: list[str], name: str) -> str | None:
     return value
 
 
-def supervise(argv: list[str]) -> int:
-    """Runs `python -m dtr_jax.main argv[1:]` as a child process and returns the exit code
-    to end with: the child's own, or, for a child aborted by the coordination service
-    because a peer is gone, LostPeer's (8) after saying so. The child's stderr is passed
-    through, but for a lost peer's crash report (C++ and Python stacks: shown only with
-    --verbose). SIGTERM and SIGHUP are passed on to the child; the child is killed if this
-    process is."""
+def supervise(argv: list[str], command: list[str] | None = None) -> int:
+    """Runs `python -m dtr_jax.main argv[1:]` (or `command`) as a child process and returns
+    the exit code to end with: the child's own, or, for a child aborted by the
+    coordination service because a peer is gone, LostPeer's (8) after saying so. The
+    child's stderr is passed through, but for a lost peer's crash report (C++ and Python
+    stacks: shown only with --verbose). SIGTERM and SIGHUP are passed on to the child; the
+    child is killed if this process is."""
     env = dict(os.environ, **{SUPERVISED: "1"})
     child = subprocess.Popen(
-        [sys.executable, "-m", "dtr_jax.main", *argv[1:]],
+        command or [sys.executable, "-m", "dtr_jax.main", *argv[1:]],
         env=env,
         stderr=subprocess.PIPE,
         preexec_fn=_die_with_parent,

@@ -4,6 +4,7 @@ timeout so that a hang fails instead of stalling the suite."""
 
 import shutil
 import signal
+import sys
 import time
 
 import numpy as np
@@ -159,3 +160,41 @@ def test_launchers_and_flags_make_a_multi_process_launch():
     slurm = distributed.launch_settings({}, {"SLURM_NTASKS": "8", "JAX_COORDINATOR_ADDRESS": "h:1"})
     assert slurm.multi_process and slurm.launcher == "SLURM"  # jax reads the rest from SLURM
     assert distributed.launch_settings({}, {"TPU_WORKER_HOSTNAMES": "a,b"}).launcher == "Cloud TPU"
+
+
+ABORT = """
+import os, sys
+sys.stderr.write("I1207 training step 12\\n")
+sys.stderr.write("F1207 client.h:80] Terminating process because the JAX distributed service "
+                 "detected fatal errors. UNAVAILABLE: Task 1 heartbeat timeout.\\n")
+sys.stderr.write("*** Check failure stack trace: ***\\n    @ 0x7f  xla::SetError()\\n")
+sys.stderr.flush()
+os.abort()
+"""
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_the_supervisor_reports_an_abort_for_a_lost_peer(tmp_path, capfd, verbose):
+    """The coordination service aborts a process (C++ log, then SIGABRT): the supervisor
+    names the lost process and the step the run resumes from; the crash report is shown
+    only with --verbose; a crash without a lost peer keeps its report and signal."""
+    committed = checkpoint.checkpoint_dir(str(tmp_path)) / "30"
+    committed.mkdir(parents=True)
+    (committed / checkpoint.COMMIT).write_text("{}")
+    argv = ["main", f"--workdir={tmp_path}", "--mode", "train"] + ["--verbose"] * verbose
+    code = distributed.supervise(argv, [sys.executable, "-c", ABORT])
+    err = capfd.readouterr().err
+    assert code == LostPeer.exit_code
+    assert "I1207 training step 12" in err
+    assert ("Check failure stack trace" in err) == verbose
+    assert err.strip().endswith(
+        "dtr_jax: lost contact with process 1 (it stopped sending heartbeats); this process "
+        "stopped too. Restart every host with the same command: the run resumes from step "
+        "30, its newest committed checkpoint"
+    )
+    crash = (
+        "import os, sys; sys.stderr.write('Fatal Python error: Segmentation fault\\n'); os.abort()"
+    )
+    assert distributed.supervise(argv, [sys.executable, "-c", crash]) == 128 + signal.SIGABRT
+    err = capfd.readouterr().err
+    assert "Fatal Python error" in err and "ended by SIGABRT" in err
