@@ -185,6 +185,16 @@ def host_gather(tree):
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
+def to_host(tree):
+    """Every leaf as numpy, on every host: jax Arrays gathered whole however they are
+    sharded (a collective with several processes), host arrays as they are."""
+    leaves, treedef = jax.tree.flatten(tree)
+    on_devices = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array)]
+    for i, value in zip(on_devices, host_gather([leaves[i] for i in on_devices]), strict=True):
+        leaves[i] = value
+    return jax.tree.unflatten(treedef, [np.asarray(x) for x in leaves])
+
+
 def all_hosts_agree(ok: bool) -> bool:
     """True only if `ok` holds on every process (a collective with several processes)."""
     if jax.process_count() == 1:
