@@ -15,7 +15,8 @@ section the field lives in (`model.routing.`) and raises them together.
   5     WorkdirLocked       another trainer owns the workdir
   6     CheckpointError     no valid checkpoint to read, or a checkpoint could not be written
   7     TrainingDiverged    the loss (or the state to save) is not finite
-  8     DoesNotFit          `--mode plan`: a program of the run does not fit the slice's HBM
+  8     LostPeer            a multi-host run lost one of its processes (or its coordinator)
+  9     DoesNotFit          `--mode plan`: a program of the run does not fit the slice's HBM
 """
 
 from __future__ import annotations
@@ -78,10 +79,27 @@ class TrainingDiverged(DtrError, FloatingPointError):
     exit_code = 7
 
 
+class LostPeer(DtrError):
+    """A process of a multi-host run (or the coordinator) stopped answering: this one
+    stopped too. The message says which, and how the run resumes."""
+
+    exit_code = 8
+
+
+class FromOtherProcess(DtrError):
+    """A DtrError another process of a multi-host run raised, raised here too (same
+    message and exit code), so that every process stops alike instead of waiting for
+    the one that stopped."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 class DoesNotFit(DtrError):
     """`--mode plan`: a program of the run does not fit the memory of the planned slice."""
 
-    exit_code = 8
+    exit_code = 9
 
 
 def raise_problems(problems: list[str]) -> None:
