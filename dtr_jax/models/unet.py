@@ -56,8 +56,9 @@ def _torch_bias(fan_in: int):
     return init
 
 
-def conv(features, kernel, name, dtype, fan_in, *, zero=False, strides=1, in_axis="channels"):
-    """A square 2-D convolution with PyTorch's padding (kernel // 2 on every side)."""
+def conv(features, kernel, name, dtype, inputs, *, zero=False, strides=1, in_axis="channels"):
+    """A square 2-D convolution of `inputs` channels with PyTorch's padding (kernel // 2 on
+    every side) and init (zero: guided-diffusion's zero_module)."""
     pad = kernel // 2
     return nn.Conv(
         features,
@@ -67,11 +68,13 @@ def conv(features, kernel, name, dtype, fan_in, *, zero=False, strides=1, in_axi
         dtype=dtype,
         name=name,
         kernel_init=_init(_zeros if zero else _torch_weight, None, None, in_axis, "embed"),
-        bias_init=_init(_zeros if zero else _torch_bias(fan_in * kernel * kernel), "embed"),
+        bias_init=_init(_zeros if zero else _torch_bias(inputs * kernel * kernel), "embed"),
     )
 
 
 def dense(features, names, name, dtype, fan_in, *, zero=False):
+    """A Dense layer of `fan_in` inputs with PyTorch's init (zero: a zero_module); `names`
+    are the logical names of its kernel's axes."""
     return nn.Dense(
         features,
         dtype=dtype,
