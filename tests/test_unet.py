@@ -262,6 +262,28 @@ def test_fresh_init_zeroes_guided_diffusions_zero_modules_only():
     )
 
 
+def test_remat_keeps_the_gradients_and_bfloat16_stays_close(pair):
+    """How the model computes (remat_policy, dtype) does not change what it computes."""
+    config, model, params, twin, _ = pair
+    if model.num_classes == 1:
+        pytest.skip("one model suffices")
+    x, t, y = inputs(model, batch=2)
+    tables = tables_of(model, "dtr")
+
+    def grads(m):
+        def loss(p):
+            return jnp.mean(m.apply({"params": p}, x, t, y, tables) ** 2)
+
+        return jax.jit(jax.grad(loss))(params)
+
+    want = grads(model)
+    got = grads(model.clone(remat_policy="nothing_saveable"))
+    jax.tree.map(lambda a, b: assert_close(a, b, tol=1e-6), got, want)
+    half = model.clone(dtype=jnp.bfloat16).apply({"params": params}, x, t, y, tables)
+    assert half.dtype == jnp.float32
+    assert_close(half, model.apply({"params": params}, x, t, y, tables), tol=5e-2)
+
+
 # ============================================================ 3. the registry
 
 
