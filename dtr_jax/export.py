@@ -212,7 +212,7 @@ def _torch_contents(tree, model: DiT | UNet, tables) -> dict[str, Callable[[], b
 
 
 def _host(params):
-    return jax.device_get(nn.unbox(params))
+    return sharding.to_host(nn.unbox(params))
 
 
 def _resolve_tables(tables, dm: inference.DiffusionModel, spec: dict):
