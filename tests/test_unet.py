@@ -493,3 +493,31 @@ def test_fine_tunes_resumes_exactly_and_samples_through_the_cli(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     (npz,) = (tmp_path / "a" / "samples").glob("*.npz")
     assert np.load(npz)["arr_0"].shape == (8, 8, 8, 1)
+
+
+def test_the_64x64_configs_train_on_a_real_image_folder(tmp_path):
+    """configs/adm_ffhq64.py (its ADM-64 shrunk to two levels) takes photographs of any
+    size through the ADM centre crop at 64x64, in [-1, 1]; adm_imagenet64.py is valid."""
+    shrink = {
+        "model.unet.model_channels": 32,
+        "model.unet.channel_mult": "1,2",
+        "model.unet.num_res_blocks": 1,
+        "model.unet.attention_resolutions": "2",
+        "model.unet.num_head_channels": 32,
+        "global_batch_size": 2,
+        "num_train_steps": 1,
+        "log_every_steps": 1,
+        "sample.num_steps": 2,
+        "sample.grid_per_class": 1,
+        "mesh.data": -1,
+        "data.num_threads": 2,
+    }
+    folder = helpers.photo_folder(tmp_path / "photos", classes=(), per_class=3)
+    config = load_config(str(helpers.ROOT / "configs" / "adm_ffhq64.py"), **shrink)
+    config = with_overrides(config, **{"data.folder": folder})
+    state = train.train_and_evaluate(config, str(tmp_path / "run"), devices=jax.devices()[:1])
+    assert int(state.step) == 1
+    assert np.isfinite(helpers.read_scalars(tmp_path / "run", "loss")[1])
+    imagenet = load_config(str(helpers.ROOT / "configs" / "adm_imagenet64.py"))
+    config_lib.validate(with_overrides(imagenet, **{"data.name": "synthetic"}), 8)
+    assert models.routed_widths(inference.from_config(imagenet).model)[0] == 192
