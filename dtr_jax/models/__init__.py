@@ -216,12 +216,8 @@ def _parses(value) -> bool:
 
 def arch_problems(arch: dict, input_size, in_channels, num_classes) -> list[str]:
     """Problems with U-Net options (`unet.<field>` named) and the input they take."""
-    out = [
-        p
-        for f in ("input_size", "in_channels", "num_classes")
-        for p in integer_problems(f, {"input_size": input_size, "in_channels": in_channels,
-                                      "num_classes": num_classes}[f])
-    ]  # fmt: skip
+    sizes = dict(input_size=input_size, in_channels=in_channels, num_classes=num_classes)
+    out = [p for f, v in sizes.items() for p in integer_problems(f, v)]
     for f in ("model_channels", "num_res_blocks", "num_heads"):
         out += integer_problems(f"unet.{f}", arch[f])
     mults, rates = arch["channel_mult"], arch["attention_resolutions"]
