@@ -73,6 +73,27 @@ def detected_launcher(environ) -> str | None:
     return None
 
 
+# Where launchers state the number of processes and this one's index (Cloud TPU: neither).
+_PLACES = (("SLURM_NTASKS", "SLURM_PROCID"), ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"))
+
+
+def place(launch: Launch, environ=None) -> tuple[int, int] | None:
+    """(number of processes, this one's index) as launched, if the settings or the
+    launcher's environment say; None if only jax.distributed would know."""
+    environ = os.environ if environ is None else environ
+    if launch.num_processes is not None and launch.process_id is not None:
+        return launch.num_processes, launch.process_id
+    for count, index in _PLACES:
+        if _as_int(environ.get(count)) > 1 and environ.get(index, "").isdigit():
+            return _as_int(environ[count]), int(environ[index])
+    return None
+
+
+def the_other(num_processes: int, process_id: int) -> int | None:
+    """The lost process when a run has two: the one that is not this one."""
+    return 1 - process_id if num_processes == 2 else None
+
+
 def _as_int(text) -> int:
     try:
         return int(text)
@@ -212,8 +233,8 @@ def as_lost_peer(error: BaseException, mode: str, workdir: str | None) -> LostPe
     if found is None:
         return None
     process, what = found
-    if process is None and jax.process_count() == 2:
-        process = 1 - jax.process_index()
+    if process is None:
+        process = the_other(jax.process_count(), jax.process_index())
     return LostPeer(message(process, what, mode, workdir))
 
 
@@ -322,8 +343,18 @@ def supervise(argv: list[str], command: list[str] | None = None) -> int:
         return 128 - code
     mode, workdir = _flag(argv, "mode") or "train", _flag(argv, "workdir")
     process, what = found
+    if process is None:
+        process = _the_other_as_launched(argv)
     print(f"dtr_jax: {message(process, what, mode, workdir)}", file=sys.stderr)
     return LostPeer.exit_code
+
+
+def _the_other_as_launched(argv: list[str]) -> int | None:
+    try:
+        launched = place(launch_settings({f: _flag(argv, f) for f in SETTINGS}))
+    except ConfigError:
+        return None
+    return None if launched is None else the_other(*launched)
 
 
 def _die_with_parent() -> None:

@@ -162,6 +162,17 @@ def test_launchers_and_flags_make_a_multi_process_launch():
     assert distributed.launch_settings({}, {"TPU_WORKER_HOSTNAMES": "a,b"}).launcher == "Cloud TPU"
 
 
+def test_where_a_process_stands_as_launched():
+    """The supervisor names the lost peer of a two-process run from the launch alone."""
+    slurm = {"SLURM_NTASKS": "2", "SLURM_PROCID": "1"}
+    assert distributed.place(distributed.launch_settings({}, slurm), slurm) == (2, 1)
+    flags = {"coordinator_address": "h:1", "num_processes": "4", "process_id": "3"}
+    assert distributed.place(distributed.launch_settings(flags, {}), {}) == (4, 3)
+    tpu = {"TPU_WORKER_HOSTNAMES": "a,b"}
+    assert distributed.place(distributed.launch_settings({}, tpu), tpu) is None
+    assert distributed.the_other(2, 1) == 0 and distributed.the_other(4, 3) is None
+
+
 ABORT = """
 import os, sys
 sys.stderr.write("I1207 training step 12\\n")
@@ -198,3 +209,15 @@ def test_the_supervisor_reports_an_abort_for_a_lost_peer(tmp_path, capfd, verbos
     assert distributed.supervise(argv, [sys.executable, "-c", crash]) == 128 + signal.SIGABRT
     err = capfd.readouterr().err
     assert "Fatal Python error" in err and "ended by SIGABRT" in err
+
+
+def test_the_supervisor_names_the_peer_the_abort_does_not(tmp_path, capfd, monkeypatch):
+    """An abort that names no process, in a two-process SLURM launch: the other one is lost."""
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    unnamed = ABORT.replace(" UNAVAILABLE: Task 1 heartbeat timeout.", "")
+    argv = ["main", f"--workdir={tmp_path}"]
+    assert distributed.supervise(argv, [sys.executable, "-c", unnamed]) == LostPeer.exit_code
+    assert "dtr_jax: lost contact with process 0 (the coordination service stopped it)" in (
+        capfd.readouterr().err
+    )
