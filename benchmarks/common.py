@@ -34,6 +34,8 @@ COMPILE_SECONDS = 60.0  # DiT-XL/2 train step, <
 def forward_macs(model) -> float:
     """Multiply-adds of one forward pass per image (attention included, norms excluded);
     SPEC §3 gives 6.06G / 23.0G / 80.7G / 118.6G for DiT-S/2, B/2, L/2, XL/2."""
+    if isinstance(model, models.UNet):
+        return unet_forward_macs(model)
     d, p, depth = model.hidden_size, model.patch_size, model.depth
     n = (model.input_size // p) ** 2
     per_token = 12 * d * d + 2 * n * d  # qkv + proj + MLP (ratio 4), then QK^T and AV
@@ -41,6 +43,33 @@ def forward_macs(model) -> float:
     embed = n * p * p * model.in_channels * d + 256 * d + d * d
     final = 2 * d * d + n * d * p * p * model.out_channels
     return float(blocks + embed + final)
+
+
+def unet_forward_macs(model) -> float:
+    """A U-Net's multiply-adds per image, layer by layer of its plan: convolutions (3x3,
+    1x1 skips), the embedding MLPs, attention (qkv, proj_out, QK^T and AV); norms and
+    elementwise work excluded."""
+    side = model.input_size
+    width = 4 * model.model_channels
+    total = model.model_channels * width + width * width  # time_embed
+    for _, layers in model.plan.blocks():
+        for layer in layers:
+            r = side // layer.ds  # the side of the layer's input
+            cin, cout = layer.channels, layer.out_channels
+            if layer.kind == "conv":
+                total += r * r * 9 * cin * cout
+            elif layer.kind in ("down", "up"):
+                r_out = r // 2 if layer.kind == "down" else 2 * r
+                total += r_out * r_out * 9 * cin * cout
+            elif layer.kind == "attn":
+                n = r * r
+                total += 4 * n * cin * cin + 2 * n * n * cin
+            else:  # a ResBlock, resampling inside when updown is set
+                r_out = {"down": r // 2, "up": 2 * r}.get(layer.updown, r)
+                total += r_out * r_out * 9 * (cin * cout + cout * cout)
+                total += r_out * r_out * cin * cout if cin != cout else 0  # 1x1 skip
+                total += width * cout * (2 if model.use_scale_shift_norm else 1)
+    return float(total + side * side * 9 * model.plan.head_channels * model.out_channels)
 
 
 def train_flops(model, batch: int) -> float:

@@ -32,6 +32,8 @@ declare -A CPU=(
   [xl_compile]="benchmarks.train_step --config configs/dit_xl.py --batch 2 --kinds dtr ${BF16[*]} --vary model.scan_blocks=false,true --compile-only"
   [extract]="benchmarks.extract --batch 2"
   [cost]="benchmarks.train_step --config configs/dit_s.py --batch 4 --kinds dtr --vary model.name=DiT-S/2,DiT-B/2,DiT-L/2 --steps 1 --rounds 3"
+  # the ADM U-Net (digits, ADM-XS): none / dtr, JAX against the same PyTorch U-Net, eager
+  [unet_train]="benchmarks.train_step --config configs/digits_unet.py --kinds none,dtr --torch eager --torch-kinds none,dtr --steps 10 --rounds 5"
 )
 declare -A GPU=(
   [matmul]="benchmarks.matmul --size 4096,8192,16384"
@@ -51,6 +53,9 @@ declare -A GPU=(
   # the README's cost table: train images/s of every size, and the extraction's
   [cost]="benchmarks.train_step --config configs/dit_s.py --batch 256 ${BF16[*]} --set model.scan_blocks=true --set model.remat_policy=dots_with_no_batch_dims_saveable --kinds dtr --vary model.name=DiT-S/2,DiT-B/2,DiT-L/2,DiT-XL/2 --steps 5 --rounds 3"
   [extract]="benchmarks.extract --batch 64 --dtype bfloat16"
+  # the paper's pixel-space U-Net (ADM-64, 64x64): DTR / none, then against PyTorch
+  [adm64_train]="benchmarks.train_step --config configs/adm_imagenet64.py --batch 64 ${BF16[*]} --kinds none,dtr --steps 10 --rounds 5"
+  [adm64_torch]="benchmarks.train_step --config configs/adm_imagenet64.py --batch 32 ${BF16[*]} --kinds dtr --torch compiled --steps 10 --rounds 5"
 )
 
 # TPU plans: compiled for the TPU without one (libtpu; any machine), resumable (rows kept

@@ -1,12 +1,15 @@
-"""The PyTorch counterpart: a PyTorch DiT + DTR train step and sampler of the same shapes.
+"""The PyTorch counterpart: a PyTorch DiT or U-Net + DTR train step and sampler of the same shapes.
 
   python -m benchmarks.torch_step --config configs/dit_s.py --batch 8
   python -m benchmarks.torch_step --config configs/dit_b.py --batch 256 --set model.dtype=bfloat16
   python -m benchmarks.torch_step --config configs/dit_b.py --sample --batch 64
+  python -m benchmarks.torch_step --config configs/digits_unet.py
 
-The model is tests/torch_reference.py's `TDiT` (the official DiT layout, the DTR
+The DiT is tests/torch_reference.py's `TDiT` (the official DiT layout, the DTR
 release's per-block routing buffers: `x * m` in, `+ x * (1 - m)` out), with attention
-through `F.scaled_dot_product_attention` as timm's DiT uses it. The step is what a
+through `F.scaled_dot_product_attention` as timm's DiT uses it; a U-Net is
+tests/torch_unet.py's `UNetModel` (guided-diffusion's, with the same masks after every
+GroupNorm that feeds a zero_module, its tables held as buffers). The step is what a
 PyTorch DiT trainer does: the hybrid loss (eps MSE + the VB term of the learned
 variance, ADM), AdamW (fused on CUDA), an EMA by `torch._foreach_lerp_`, label dropout,
 bf16 autocast when the config's dtype is bfloat16, eager or `torch.compile`d (model and
@@ -29,20 +32,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dtr_jax import routing
+from dtr_jax import config as config_lib
+from dtr_jax import inference, routing
 from dtr_jax.diffusion import GaussianDiffusion
-from dtr_jax.models import model_architecture
+from dtr_jax.models import family, model_architecture
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _reference():
-    """tests/torch_reference.py, imported by path (the tests are not a package) and
-    registered under its name, where torch.compile looks modules up."""
-    if "torch_reference" in sys.modules:
-        return sys.modules["torch_reference"]
-    path = ROOT / "tests" / "torch_reference.py"
-    spec = importlib.util.spec_from_file_location("torch_reference", path)
+def _reference(name: str = "torch_reference"):
+    """tests/<name>.py, imported by path (the tests are not a package) and registered
+    under its name, where torch.compile looks modules up."""
+    if name in sys.modules:
+        return sys.modules[name]
+    path = ROOT / "tests" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -50,6 +54,7 @@ def _reference():
 
 
 reference = _reference()
+unet_reference = _reference("torch_unet")
 
 
 class FusedAttention(reference.TAttention):
@@ -67,11 +72,48 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+class RoutedUNet(torch.nn.Module):
+    """guided-diffusion's UNetModel with its {width: (G, T, width)} tables as buffers, called
+    as the DiT is: model(x, t, y) (y ignored without classes)."""
+
+    def __init__(self, unet, tables):
+        super().__init__()
+        self.unet, self.widths = unet, sorted(tables or {})
+        for w in self.widths:
+            self.register_buffer(f"table_{w}", torch.as_tensor(tables[w], dtype=torch.float32))
+
+    def forward(self, x, t, y):
+        tables = {w: getattr(self, f"table_{w}") for w in self.widths} or None
+        return self.unet(x, t, y if self.unet.num_classes else None, tables=tables)
+
+
+def build_unet(config, kind: str) -> torch.nn.Module:
+    """The config's U-Net as guided-diffusion's UNetModel with `kind` routing."""
+    m, r = config.model, config.model.routing
+    model = inference.build(config_lib.model_spec(config)).model  # the architecture
+    labels = None if model.num_classes == 1 else model.num_classes + int(model.null_label)
+    unet = unet_reference.UNetModel(
+        model.input_size, model.in_channels, model.model_channels, model.out_channels,
+        model.num_res_blocks, model.attention_resolutions,
+        dropout=model_architecture(m)["dropout"], channel_mult=model.channel_mult,
+        num_classes=labels, num_heads=model.num_heads, num_head_channels=model.num_head_channels,
+        use_scale_shift_norm=model.use_scale_shift_norm, resblock_updown=model.resblock_updown,
+        use_new_attention_order=model.use_new_attention_order, route_head=model.route_head,
+    )  # fmt: skip
+    tables = routing.width_tables(
+        kind, config.diffusion.num_timesteps, model.routed_widths(), r.beta, r.alpha, r.seed
+    )
+    return RoutedUNet(unet, tables).to(device())
+
+
 def build_model(config, kind: str) -> torch.nn.Module:
-    """The config's DiT as a TDiT with `kind` routing buffers and fused attention."""
+    """The config's DiT as a TDiT with `kind` routing buffers and fused attention (or its
+    U-Net, `build_unet`)."""
     m = config.model
     if not m.learn_sigma:
         raise SystemExit("the PyTorch counterpart models learned sigma only (model.learn_sigma)")
+    if family(m.name) == "unet":
+        return build_unet(config, kind)
     arch = model_architecture(m)
     r = m.routing
     tables = routing.model_tables(

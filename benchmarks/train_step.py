@@ -31,7 +31,7 @@ from benchmarks.matmul import default_size, matmul_tflops
 from dtr_jax import inference, sharding
 from dtr_jax import step as step_lib
 from dtr_jax.config import validate, with_overrides
-from dtr_jax.models import architecture, model_architecture
+from dtr_jax.models import architecture, family, model_architecture, unet_architecture
 
 
 @dataclasses.dataclass
@@ -43,7 +43,7 @@ class Row:
     mesh: tuple[int, int]
     variant: dict[str, str]
     config: object  # the row's config (batch, dtype, model)
-    model: object  # the DiT (for the FLOP count)
+    model: object  # the DiT or U-Net (for the FLOP count)
     run: Callable[[int], float]
     compile_seconds: float
     memory_mib: float  # XLA's account of the step (JAX) or the peak allocated (torch GPU)
@@ -149,8 +149,8 @@ def row_of(
     variant: dict | None = None,
     cost: dict | None = None,
 ) -> Row:
-    """The row of a runner (its `run` and `compile_seconds`); `model` is the DiT, for the
-    FLOP count."""
+    """The row of a runner (its `run` and `compile_seconds`); `model` is the DiT or U-Net,
+    for the FLOP count."""
     return Row(
         framework=framework,
         kind=kind,
@@ -192,7 +192,8 @@ def torch_rows(config, kinds: list[str], modes: list[str]) -> list[Row]:
 def named_size(config) -> str | None:
     """The model's name if its architecture is exactly that size (no overrides)."""
     name = config.model.name
-    return name if model_architecture(config.model) == architecture(name) else None
+    named = unet_architecture(name) if family(name) == "unet" else architecture(name)
+    return name if model_architecture(config.model) == named else None
 
 
 def report(rows: list[Row], times: dict[int, list[float]], ceiling: float | None) -> str:

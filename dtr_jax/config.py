@@ -43,7 +43,7 @@ from dtr_jax.errors import (
     prefixed,
     raise_problems,
 )
-from dtr_jax.models import DiT, create_dit, model_architecture
+from dtr_jax.models import DiT, create_model, model_architecture, routed_widths
 from dtr_jax.models import vae as vae_lib
 
 MODES = ("train", "sample", "evaluate", "export", "extract", "reference", "plan")
@@ -85,15 +85,31 @@ def default_config() -> ml_collections.ConfigDict:
     c.init_from = ""
 
     c.model = ml_collections.ConfigDict()
+    # a DiT ('DiT-B/2', models.MODEL_NAMES) or an ADM U-Net ('ADM-64', models.UNET_NAMES)
     c.model.name = "DiT-B/2"
-    # Optional overrides of the named architecture (None = from the name).
+    # Optional overrides of the named DiT architecture (None = from the name).
     c.model.depth = config_dict.placeholder(int)
     c.model.hidden_size = config_dict.placeholder(int)
     c.model.num_heads = config_dict.placeholder(int)
     c.model.patch_size = config_dict.placeholder(int)
+    # Optional overrides of the named U-Net architecture (None = from the name), with the
+    # names and meaning of guided-diffusion's UNetModel arguments (README: U-Nets).
+    c.model.unet = ml_collections.ConfigDict()
+    c.model.unet.model_channels = config_dict.placeholder(int)
+    c.model.unet.channel_mult = config_dict.placeholder(str)  # e.g. '1,2,3,4'
+    c.model.unet.num_res_blocks = config_dict.placeholder(int)
+    c.model.unet.attention_resolutions = config_dict.placeholder(str)  # downsample rates '2,4,8'
+    c.model.unet.num_heads = config_dict.placeholder(int)
+    c.model.unet.num_head_channels = config_dict.placeholder(int)  # -1: num_heads decides
+    c.model.unet.use_scale_shift_norm = config_dict.placeholder(bool)
+    c.model.unet.resblock_updown = config_dict.placeholder(bool)
+    c.model.unet.use_new_attention_order = config_dict.placeholder(bool)
+    c.model.unet.dropout = config_dict.placeholder(float)  # in training
     c.model.input_size = 32  # latent 32x32 = 256x256 images through the 8x VAE
     c.model.in_channels = 4
     c.model.num_classes = 1000  # 1 = unconditional
+    # label dropout (classifier-free guidance); a U-Net has the null label row it needs
+    # only when this is > 0 (guided-diffusion's models train without: they have none)
     c.model.class_dropout_prob = 0.1
     c.model.learn_sigma = True
     # compute dtype ('float32', 'bfloat16'); 'auto': bfloat16 on GPU/TPU, float32 on CPU.
@@ -112,6 +128,7 @@ def default_config() -> ml_collections.ConfigDict:
     # kind='file': the tables' file: a .npy (G, T, C), a PyTorch checkpoint with routing
     # buffers (e.g. init_from) or an export's model.safetensors
     c.model.routing.path = ""
+    c.model.routing.head = True  # U-Net: its output head's GroupNorm is routed too
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.schedule = "linear"
@@ -293,24 +310,41 @@ def model_spec(config) -> dict:
         as_json = dict(beta=float, alpha=float, seed=int)
         tables = {"kind": str(r.kind)} | {f: as_json[f](r[f]) for f in routing.TABLE_FIELDS[r.kind]}
     return dict(
-        model=_model_fields(config.model),
+        model=_model_fields(config.model, routed=r.kind != "none"),
         routing=tables,
         diffusion=dict(schedule=str(d.schedule), num_timesteps=int(d.num_timesteps)),
     )
 
 
-def _model_fields(m) -> dict:
-    """The model section of `model_spec`: name, architecture and input/output."""
-    arch = {k: int(v) for k, v in model_architecture(m).items()}
-    return dict(
-        name=str(m.name),
-        **arch,
-        mlp_ratio=float(DiT.mlp_ratio),
+def _model_fields(m, routed: bool = True) -> dict:
+    """The model section of `model_spec`: name, architecture and input/output. A U-Net's
+    also names its family, its null label row and, when routed, whether its output head
+    is (a DiT's records neither: specs written before U-Nets existed stay valid)."""
+    arch = model_architecture(m)
+    io = dict(
         input_size=int(m.input_size),
         in_channels=int(m.in_channels),
         num_classes=int(m.num_classes),
         learn_sigma=bool(m.learn_sigma),
     )
+    if models.family(m.name) == "dit":
+        ints = {k: int(v) for k, v in arch.items()}
+        return dict(name=str(m.name), **ints, mlp_ratio=float(DiT.mlp_ratio), **io)
+    unet = {k: v for k, v in arch.items() if k != "dropout"}  # dropout: training only
+    unet = {k: list(v) if isinstance(v, tuple) else v for k, v in unet.items()}
+    out = dict(name=str(m.name), family="unet", **unet, **io)
+    out["null_label"] = bool(m.class_dropout_prob > 0 and m.num_classes > 1)
+    if routed:
+        out["route_head"] = bool(m.routing.head)
+    return out
+
+
+def build_model(m, **kwargs):
+    """The (untrained, uninitialised) model of a `config.model` section, as the spec
+    describes it; `kwargs` go to `models.create_model`."""
+    fields = _model_fields(m, routed=m.routing.kind != "none")
+    fields.pop("family", None)
+    return create_model(fields.pop("name"), **fields, **kwargs)
 
 
 def signature(config) -> dict:
@@ -350,8 +384,12 @@ def validate(config, num_devices: int, mode: str = "train") -> None:
     c = config
     m, r = c.model, c.model.routing
     found = _named("model", c, models.problems(m))
-    channels = None if found else model_architecture(m)["hidden_size"]
-    found += _named("model.routing", c, routing.problems(r.kind, r.beta, r.alpha, channels))
+    channels = None if found else min(routed_widths(build_model(m)))  # the narrowest routed
+    found += _named(
+        "model.routing",
+        c,
+        routing.problems(r.kind, r.beta, r.alpha, channels) + _family_routing_problems(m),
+    )
     d = c.diffusion
     found += _named("diffusion", c, diffusion.problems(d.schedule, d.num_timesteps))
     if r.kind == routing.FILE and not found:
@@ -399,6 +437,22 @@ def _named(section: str, c, problems: list[str]) -> list[str]:
     return prefixed(section + ".", problems, fields=node.keys())
 
 
+def _family_routing_problems(m) -> list[str]:
+    """Routing fields that only one family has: 'file' tables (a DiT's, as the DTR release
+    stores them) and the U-Net's routed head."""
+    r = m.routing
+    if m.name not in models.NAMES:
+        return []
+    if models.family(m.name) == "unet" and r.kind == routing.FILE:
+        return [
+            f"kind={routing.FILE!r} reads a DiT's tables (the DTR release's routing buffers); "
+            f"a U-Net's tables are built: use one of {list(routing.KINDS)}"
+        ]
+    if models.family(m.name) == "dit" and not r.head:
+        return ["head=False is for U-Nets (a DiT's final layer is not routed): set it True"]
+    return []
+
+
 def _init_from_problems(c, mode: str) -> list[str]:
     """`init_from` must hold this config's model, from tensor shapes and the routing
     buffers alone (nothing compiles): every key and shape, the fixed pos_embed, the
@@ -408,12 +462,13 @@ def _init_from_problems(c, mode: str) -> list[str]:
         ckpt = interop.open_checkpoint(c.init_from)
     except (OSError, ValueError) as e:
         return [f"{name} {e}"]
-    fields = _model_fields(c.model)
-    model = create_dit(fields.pop("name"), **fields)
+    model = build_model(c.model)
     T = c.diffusion.num_timesteps
     found = [f"{name} {p}" for p in ckpt.problems(model, T, optimizer=mode == "train")]
     if found:
         return found
+    if models.family(c.model.name) == "unet":  # guided-diffusion's files carry no tables
+        return []
     found = _named("model.routing", c, _routing_match_problems(c, ckpt.tables()))
     uw, w = ckpt.uw_log_vars(), c.weighting
     if mode == "train" and w.kind == "uw" and uw is not None and len(uw) != w.num_clusters:
@@ -461,6 +516,14 @@ def _sampling_problems(c) -> list[str]:
     found += decoders.DECODERS.problems(s.decoder)
     if s.cfg_scale < 1.0:
         found.append(f"cfg_scale={s.cfg_scale!r} must be >= 1 (1 = no guidance)")
+    m = c.model
+    unet = m.name in models.UNET_NAMES and m.num_classes > 1
+    if unet and s.cfg_scale != 1.0 and not m.class_dropout_prob > 0:
+        found.append(
+            f"cfg_scale={s.cfg_scale!r} needs a null label, which a U-Net trained without "
+            "label dropout (model.class_dropout_prob=0, as guided-diffusion's) has not: "
+            "use 1 (no guidance)"
+        )
     for name in ("num_samples", "batch_size", "grid_per_class"):
         found += integer_problems(name, s[name])
     try:

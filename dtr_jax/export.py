@@ -5,12 +5,13 @@ and no training config, and the same params for PyTorch code:
 
   model.json         what to build: architecture, routing, diffusion, sampling defaults
   model.safetensors  the params, flat keys joined by '.' (`blocks_0.attn.qkv.kernel`),
-                     float32, plus the (G, T, C) uint8 routing tables as `routing.tables`
+                     float32, plus the uint8 routing tables: a DiT's (G, T, C) as
+                     `routing.tables`, a U-Net's (G, T, C) of width C as `routing.tables.C`
   model.msgpack      the same params as a `flax.serialization` tree
   pytorch_model.safetensors, pytorch_model.pt
-                     the official DiT / DTR release state dict (`dtr_jax.interop`):
-                     `load_state_dict(strict=True)` of a model of that layout takes it;
-                     the .pt only where torch is installed
+                     the official DiT / DTR release state dict, or guided-diffusion's
+                     for a U-Net (`dtr_jax.interop`): `load_state_dict(strict=True)` of a
+                     model of that layout takes it; the .pt only where torch is installed
 
 `load(path)` returns an `Exported` with `apply` (the routed forward) and `sample`;
 `from_pytorch(config)` does the same for the PyTorch file `config.init_from`.
@@ -43,7 +44,7 @@ from dtr_jax import config as config_lib
 from dtr_jax import files, inference, interop, routing, sharding, torch_files
 from dtr_jax.diffusion import GaussianDiffusion, sampling_problems
 from dtr_jax.errors import ConfigError
-from dtr_jax.models import DiT
+from dtr_jax.models import DiT, UNet, routed_widths
 from dtr_jax.models.dit import unstack_blocks
 
 FORMAT = "dtr_jax.export"
@@ -99,8 +100,24 @@ def _check_params(flat: dict, expected: dict[str, tuple], what: str, where: str)
         )
 
 
-def _check_tables(tables: np.ndarray, spec: dict, what: str) -> np.ndarray:
+def _check_tables(tables, dm: inference.DiffusionModel, spec: dict, what: str):
+    """`tables` as uint8, if they are 0/1 routing tables of the spec's model: a DiT's
+    (1 or depth, T, C), a U-Net's {C: (1 or sites of width C, T, C)}; else ValueError."""
     m, num_tasks = spec["model"], spec["diffusion"]["num_timesteps"]
+    if isinstance(dm.model, UNet):
+        widths = routed_widths(dm.model)
+        counts = {w: widths.count(w) for w in widths}
+        shapes = {int(k): np.shape(v) for k, v in dict(tables).items()} if _is_dict(tables) else {}
+        ok = set(shapes) == set(counts) and all(
+            s[:1] in ((1,), (counts[w],)) and s[1:] == (num_tasks, w) for w, s in shapes.items()
+        )
+        expected = {w: f"(1 or {n}, {num_tasks}, {w})" for w, n in sorted(counts.items())}
+        if not ok or not all(np.isin(v, (0, 1)).all() for v in tables.values()):
+            raise ValueError(
+                f"{what}: routing tables of shapes {shapes or np.shape(tables)} must hold 0/1 "
+                f"and be, per routed width, {expected}"
+            )
+        return {int(k): np.asarray(v).astype(np.uint8) for k, v in tables.items()}
     tables = np.asarray(tables)
     ok_shape = (
         tables.ndim == 3
@@ -113,6 +130,38 @@ def _check_tables(tables: np.ndarray, spec: dict, what: str) -> np.ndarray:
             f"(1 or depth={m['depth']}, num_timesteps={num_tasks}, hidden_size={m['hidden_size']})"
         )
     return tables.astype(np.uint8)
+
+
+def _is_dict(tables) -> bool:
+    return isinstance(tables, dict)
+
+
+def _same_tables(a, b) -> bool:
+    """Whether two sets of tables (arrays, {width: array} or None) are equal."""
+    if a is None or b is None or _is_dict(a) != _is_dict(b):
+        return a is None and b is None
+    if not _is_dict(a):
+        return np.array_equal(a, b)
+    return set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def _flat_tables(tables) -> dict[str, np.ndarray]:
+    """The safetensors entries of a model's tables: `routing.tables` (a DiT's array) or
+    `routing.tables.<width>` (a U-Net's)."""
+    if tables is None:
+        return {}
+    if _is_dict(tables):
+        return {f"{TABLES_KEY}.{w}": v for w, v in sorted(tables.items())}
+    return {TABLES_KEY: tables}
+
+
+def _pop_tables(flat: dict):
+    """Removes the tables' entries from a flat safetensors dict; returns the tables."""
+    if TABLES_KEY in flat:
+        return flat.pop(TABLES_KEY)
+    prefix = TABLES_KEY + "."
+    keys = [k for k in flat if k.startswith(prefix) and k[len(prefix) :].isdigit()]
+    return {int(k[len(prefix) :]): np.asarray(flat.pop(k)) for k in keys} or None
 
 
 # --- writing ---------------------------------------------------------------------------
@@ -133,13 +182,12 @@ def export(params, config, out_dir: str, tables=None, step: int | None = None) -
         params = unstack_blocks(params)
     flat = {k: np.asarray(v, np.float32) for k, v in _flatten(params).items()}
     _check_params(flat, _param_shapes(dm), "params passed to export", "of the config")
-    tables = _resolve_tables(tables, dm.tables, spec)
-    if tables is not None:
-        flat[TABLES_KEY] = tables
-    tree = traverse_util.unflatten_dict({k: v for k, v in flat.items() if k != TABLES_KEY}, sep=".")
+    tables = _resolve_tables(tables, dm, spec)
+    stored = flat | _flat_tables(tables)
+    tree = traverse_util.unflatten_dict(flat, sep=".")
     contents = {
         MSGPACK: lambda: flax.serialization.to_bytes(tree),
-        SAFETENSORS: lambda: st_numpy.save(flat, metadata={"format": FORMAT}),
+        SAFETENSORS: lambda: st_numpy.save(stored, metadata={"format": FORMAT}),
         JSON: lambda: (json.dumps(spec, indent=2, sort_keys=True) + "\n").encode(),
         **_torch_contents(tree, dm.model, tables),
     }
@@ -151,7 +199,7 @@ def export(params, config, out_dir: str, tables=None, step: int | None = None) -
     return out_dir
 
 
-def _torch_contents(tree, model: DiT, tables) -> dict[str, Callable[[], bytes]]:
+def _torch_contents(tree, model: DiT | UNet, tables) -> dict[str, Callable[[], bytes]]:
     """The official-layout state dict as .safetensors, and as .pt where torch is installed
     (made once, when first written)."""
     state_dict = functools.cache(lambda: interop.params_to_torch(tree, model, tables))
@@ -167,13 +215,14 @@ def _host(params):
     return sharding.to_host(nn.unbox(params))
 
 
-def _resolve_tables(tables, rebuilt, spec: dict) -> np.ndarray | None:
+def _resolve_tables(tables, dm: inference.DiffusionModel, spec: dict):
     """The tables to store; marks the spec 'custom' when they are not the spec's own
-    (`rebuilt`)."""
+    (`dm.tables`, rebuilt from it)."""
+    rebuilt = dm.tables
     if tables is None:
         return rebuilt
-    tables = _check_tables(tables, spec, "tables passed to export")
-    if rebuilt is None or not np.array_equal(tables, rebuilt):
+    tables = _check_tables(tables, dm, spec, "tables passed to export")
+    if rebuilt is None or not _same_tables(tables, rebuilt):
         kind = spec["routing"]["kind"]
         # Tables read from a file are custom by nature; others that differ are a surprise.
         log = logging.info if kind == routing.FILE else logging.warning
@@ -229,8 +278,8 @@ def export_mode(config, workdir: str) -> str:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Exported:
-    """A loaded export: the DiT with its routing tables and diffusion, its params (on
-    device) and its spec (model.json)."""
+    """A loaded export: the model (DiT or U-Net) with its routing tables and diffusion,
+    its params (on device) and its spec (model.json)."""
 
     dm: inference.DiffusionModel
     params: Any
@@ -238,11 +287,11 @@ class Exported:
     _cache: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @property
-    def model(self) -> DiT:
+    def model(self) -> DiT | UNet:
         return self.dm.model
 
     @property
-    def tables(self) -> np.ndarray | None:
+    def tables(self) -> np.ndarray | dict | None:
         return self.dm.tables
 
     @property
@@ -286,7 +335,7 @@ class Exported:
         if self.tables is None:
             return None
         if "tables" not in self._cache:
-            self._cache["tables"] = jnp.asarray(self.tables)
+            self._cache["tables"] = jax.tree.map(jnp.asarray, self.tables)
         return self._cache["tables"]
 
 
@@ -302,7 +351,7 @@ def from_pytorch(config, use_ema: bool = True) -> Exported:
 
 
 def load(path: str, dtype: str = "float32") -> Exported:
-    """Rebuilds an export's DiT, routing tables and diffusion from the export alone.
+    """Rebuilds an export's model, routing tables and diffusion from the export alone.
 
     `path` is the export directory or one of its files; naming model.msgpack (or
     model.safetensors) loads the params from that file, otherwise model.safetensors
@@ -313,7 +362,7 @@ def load(path: str, dtype: str = "float32") -> Exported:
     dm = inference.build(spec, dtype)
     flat, tables = _read_params(params_path, json_path)
     _check_params(flat, _param_shapes(dm), f"params in {params_path}", f"in {json_path}")
-    tables = _final_tables(spec, dm.tables, tables, json_path, params_path)
+    tables = _final_tables(spec, dm, tables, json_path, params_path)
     params = jax.device_put(traverse_util.unflatten_dict(flat, sep="."))
     return Exported(dataclasses.replace(dm, tables=tables), params, spec)
 
@@ -364,21 +413,21 @@ def _read_params(params_path: epath.Path, json_path: epath.Path):
         flat = {k: np.asarray(v) for k, v in torch_files.read_safetensors(str(params_path)).items()}
     except (OSError, ValueError, TypeError) as e:
         raise ValueError(f"{params_path} cannot be read: {e}") from e
-    tables = flat.pop(TABLES_KEY, None)
-    return flat, tables
+    return flat, _pop_tables(flat)
 
 
-def _stored_tables(path: epath.Path) -> np.ndarray | None:
+def _stored_tables(path: epath.Path):
     """Only the routing tables of a model.safetensors (None if absent)."""
     if not path.is_file():
         return None
-    tables = torch_files.read_safetensors(str(path)).get(TABLES_KEY)
-    return None if tables is None else np.asarray(tables)
+    tables = _pop_tables(dict(torch_files.read_safetensors(str(path))))
+    return jax.tree.map(np.asarray, tables)
 
 
-def _final_tables(spec, rebuilt, stored, json_path, params_path) -> np.ndarray | None:
+def _final_tables(spec, dm, stored, json_path, params_path):
     """Stored tables if present (they must agree with the routing spec, whose tables
-    are `rebuilt`), else the rebuilt ones."""
+    are `dm.tables`, rebuilt from it), else the rebuilt ones."""
+    rebuilt = dm.tables
     kind = spec["routing"]["kind"]
     if kind not in routing.KINDS + (CUSTOM,):
         raise ValueError(f"{json_path}: routing kind={kind!r} is unknown")
@@ -389,8 +438,8 @@ def _final_tables(spec, rebuilt, stored, json_path, params_path) -> np.ndarray |
                 f"next to it in {SAFETENSORS}"
             )
         return rebuilt
-    stored = _check_tables(stored, spec, str(params_path))
-    if kind != CUSTOM and (rebuilt is None or not np.array_equal(stored, rebuilt)):
+    stored = _check_tables(stored, dm, spec, str(params_path))
+    if kind != CUSTOM and (rebuilt is None or not _same_tables(stored, rebuilt)):
         raise ValueError(
             f"the routing tables stored in {json_path.parent / SAFETENSORS} do not match "
             f"those of the routing spec in {json_path} ({spec['routing']})"

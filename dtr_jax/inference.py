@@ -1,4 +1,4 @@
-"""What every mode that runs the model needs: the DiT, its routing tables and its diffusion.
+"""What every mode that runs the model needs: the model, its routing tables and its diffusion.
 
 `build` makes them from a model spec (`config.model_spec`, or an export's
 model.json); `from_config` from a run config. `sample_fn` is the pure sampler
@@ -18,31 +18,34 @@ import jax
 import numpy as np
 from absl import logging
 
-from dtr_jax import checkpoint, interop, routing, sharding
+from dtr_jax import checkpoint, interop, models, routing, sharding
 from dtr_jax.config import model_spec, signature
 from dtr_jax.diffusion import GaussianDiffusion
-from dtr_jax.models import COMPUTE_FIELDS, DiT, create_dit
+from dtr_jax.models import COMPUTE_FIELDS, DiT, UNet, create_model
 from dtr_jax.models.dit import stack_blocks
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class DiffusionModel:
-    """A DiT, its (G, T, C) routing tables (None: no routing) and its diffusion process."""
+    """A model (DiT or U-Net), its routing tables (None: no routing; a DiT's (G, T, C)
+    array, a U-Net's {width: (G, T, width)}) and its diffusion process."""
 
-    model: DiT
-    tables: np.ndarray | None
+    model: DiT | UNet
+    tables: np.ndarray | dict | None
     diffusion: GaussianDiffusion
 
     def init_params(self, rng: jax.Array):
         """Fresh params, with the logical-partitioning boxes that give their shardings.
         A scanned model gets the per-block init, stacked: the same weights either way."""
+        if isinstance(self.model, UNet):
+            return self.model.init(rng, *self.model.dummy_inputs())["params"]
         per_block = self.model.clone(scan_blocks=False)
         params = per_block.init(rng, *per_block.dummy_inputs())["params"]
         return stack_blocks(params) if self.model.scan_blocks else params
 
     def from_per_block(self, params):
         """Params in the per-block layout (exports, PyTorch files) -> this model's layout."""
-        return stack_blocks(params) if self.model.scan_blocks else params
+        return stack_blocks(params) if getattr(self.model, "scan_blocks", False) else params
 
     def abstract_params(self):
         """The boxed params as ShapeDtypeStructs (nothing allocated)."""
@@ -57,33 +60,44 @@ class DiffusionModel:
 def build(spec: dict, dtype: str = "float32", **model_kwargs) -> DiffusionModel:
     """The DiffusionModel a model spec describes. Routing kinds other than those of
     `routing.KINDS` (an export's 'custom') give no tables: the caller supplies them.
-    `dtype` is the compute dtype; `model_kwargs` go to the DiT (remat_policy, scan_blocks,
-    attention, class_dropout_prob)."""
+    `dtype` is the compute dtype; `model_kwargs` go to `models.create_model`
+    (remat_policy, scan_blocks, attention, class_dropout_prob, a U-Net's dropout)."""
     m, r, d = dict(spec["model"]), spec["routing"], spec["diffusion"]
-    model = create_dit(m.pop("name"), dtype=dtype, **(m | model_kwargs))
+    m.pop("family", None)  # the name says it
+    model = create_model(m.pop("name"), dtype=dtype, **(m | model_kwargs))
     tables = None
     if r["kind"] in routing.KINDS:
         arguments = {f: r[f] for f in routing.TABLE_FIELDS[r["kind"]]}
-        T, C = d["num_timesteps"], model.hidden_size
-        tables = routing.model_tables(r["kind"], T, C, model.depth, **arguments)
+        tables = model_tables(model, r["kind"], d["num_timesteps"], **arguments)
     diffusion = GaussianDiffusion.create(
         d["schedule"], d["num_timesteps"], learn_sigma=model.learn_sigma
     )
     return DiffusionModel(model, tables, diffusion)
 
 
+def model_tables(model: DiT | UNet, kind: str, num_timesteps: int, **arguments):
+    """The routing tables of `kind` for `model` (`routing.model_tables` for a DiT,
+    `routing.width_tables` for a U-Net); `arguments`: beta, alpha, seed as the kind uses."""
+    if isinstance(model, UNet):
+        return routing.width_tables(kind, num_timesteps, model.routed_widths(), **arguments)
+    return routing.model_tables(kind, num_timesteps, model.hidden_size, model.depth, **arguments)
+
+
 def from_config(config) -> DiffusionModel:
     """The run's DiffusionModel, with how it computes (dtype, remat, scan, attention) and
-    its label dropout; routing kind 'file' reads its tables from `model.routing.path`."""
+    trains (label dropout, a U-Net's dropout); routing kind 'file' reads its tables from
+    `model.routing.path`."""
     m = config.model
-    computes = {f: m[f] for f in COMPUTE_FIELDS}
-    dm = build(model_spec(config), m.dtype, class_dropout_prob=m.class_dropout_prob, **computes)
+    kwargs = {f: m[f] for f in COMPUTE_FIELDS} | {"class_dropout_prob": m.class_dropout_prob}
+    if models.family(m.name) == "unet":
+        kwargs["dropout"] = models.model_architecture(m)["dropout"]
+    dm = build(model_spec(config), m.dtype, **kwargs)
     if m.routing.kind == routing.FILE:
         dm = dataclasses.replace(dm, tables=interop.read_tables(m.routing.path))
     return dm
 
 
-def model_fn(model: DiT, params, labels, tables, cfg_scale: float):
+def model_fn(model: DiT | UNet, params, labels, tables, cfg_scale: float):
     """model_fn(x_t, t) for the samplers: conditional, or guided when cfg_scale != 1."""
     if cfg_scale == 1.0 or model.num_classes == 1:
         return lambda x, t: model.apply({"params": params}, x, t, labels, tables)

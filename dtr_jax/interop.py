@@ -1,4 +1,4 @@
-"""PyTorch interop: the official DiT / DTR releases' weights <-> this package's Flax params.
+"""PyTorch interop: the official DiT / DTR / guided-diffusion weights <-> our Flax params.
 
 The official layout is the DiT release's state dict (facebookresearch/DiT); the DTR
 release adds one routing buffer per block. Names map one to one (`dtr_jax.models.dit`
@@ -17,6 +17,10 @@ label) and two in the DiT release (its null row exists whenever label dropout is
 it is by default); ours keeps the null row. Import takes either (a missing null row is
 filled with zeros); export writes the DTR release's one row when it writes routing
 buffers, and the DiT release's two when it does not (routing 'none').
+
+A U-Net's official layout is guided-diffusion's `UNetModel` state dict (its released
+`64x64_diffusion.pt`, `256x256_diffusion_uncond.pt`, ...); see "guided-diffusion's U-Net
+layout" below. A state dict is read in that layout when it holds `input_blocks.0.0.weight`.
 
 Files: `.pt` / `.pth` (torch.save; reading them needs torch, imported only there) and
 `.safetensors` (read from its header into numpy memmaps: no torch, bf16 included).
@@ -53,6 +57,7 @@ from flax import traverse_util
 
 from dtr_jax import files, routing
 from dtr_jax.models.dit import DiT, sincos_pos_embed
+from dtr_jax.models.unet import UNet
 from dtr_jax.torch_files import Inert, read_safetensors, read_torch
 
 SUFFIXES = (".pt", ".pth", ".safetensors")
@@ -70,17 +75,24 @@ def _flax_name(key: str, ndim: int) -> tuple[tuple[str, ...], tuple[int, ...] | 
     """(Flax path, axes that turn the PyTorch array into the Flax one, None: as is) of a
     parameter key: 'blocks.3.attn.qkv.weight' -> (blocks_3, attn, qkv, kernel), (1, 0)."""
     *parents, leaf = key.split(".")
-    path: list[str] = []
-    for part in parents:
-        if part.isdigit() and path:
-            path[-1] += f"_{part}"
-        else:
-            path.append(part)
+    path = _module_path(parents)
     if leaf != "weight":
         return (*path, leaf), None
     if path and path[-1] == "embedding_table":
         return (*path, "embedding"), None
     return (*path, "kernel"), ((2, 3, 1, 0) if ndim == 4 else (1, 0))  # OIHW -> HWIO
+
+
+def _module_path(parts: list[str]) -> list[str]:
+    """Flax module names of the parts of a PyTorch module path: each number joins the name
+    before it ('input_blocks', '4', '0' -> 'input_blocks_4_0')."""
+    path: list[str] = []
+    for part in parts:
+        if part.isdigit() and path:
+            path[-1] += f"_{part}"
+        else:
+            path.append(part)
+    return path
 
 
 def _torch_name(path: tuple[str, ...], ndim: int) -> tuple[str, tuple[int, ...] | None]:
@@ -109,8 +121,11 @@ def _axes_shape(shape, axes) -> tuple[int, ...]:
 
 def params_from_torch(state_dict: Mapping[str, Any]) -> dict:
     """Flax params (float32 numpy) of an official-layout state dict (torch tensors or
-    arrays). `pos_embed` and the routing buffers are not parameters and are skipped;
-    a single class row (an unconditional release model) gets a zero null row."""
+    arrays): a DiT's, or guided-diffusion's U-Net's (`is_unet_state_dict`). `pos_embed`
+    and the routing buffers are not parameters and are skipped; a single class row (an
+    unconditional release DiT) gets a zero null row."""
+    if is_unet_state_dict(state_dict):
+        return _unet_params_from_torch(state_dict)
     flat = {}
     for key, value in state_dict.items():
         if key == POS_EMBED or ROUTING_BUFFER.match(key):
@@ -123,10 +138,14 @@ def params_from_torch(state_dict: Mapping[str, Any]) -> dict:
     return traverse_util.unflatten_dict(flat)
 
 
-def params_to_torch(params, model: DiT, tables=None) -> dict[str, np.ndarray]:
+def params_to_torch(params, model: DiT | UNet, tables=None) -> dict[str, np.ndarray]:
     """The official-layout state dict (float32 numpy) of Flax `params` of `model`: Linear
     weights transposed, conv kernels OIHW, `pos_embed`, and with (G, T, C) `tables` the
-    DTR release's buffer `blocks.N.routing._unit_mapping` (float 0/1) in every block."""
+    DTR release's buffer `blocks.N.routing._unit_mapping` (float 0/1) in every block.
+    A U-Net's is guided-diffusion's state dict, which has no place for routing tables
+    (`tables` are not written: a U-Net export keeps them in its model.safetensors)."""
+    if isinstance(model, UNet):
+        return _unet_params_to_torch(params)
     if "blocks" in params:
         raise ValueError(
             "params hold the stacked blocks of model.scan_blocks: convert them with "
@@ -147,10 +166,12 @@ def params_to_torch(params, model: DiT, tables=None) -> dict[str, np.ndarray]:
     return out
 
 
-def torch_shapes(model: DiT, num_timesteps: int | None = None) -> dict[str, tuple[int, ...]]:
+def torch_shapes(model: DiT | UNet, num_timesteps: int | None = None) -> dict[str, tuple[int, ...]]:
     """{PyTorch key: shape} of `model`'s official state dict, from shapes alone; with
-    `num_timesteps`, the routing buffers (T, C) of every block too."""
+    `num_timesteps`, the routing buffers (T, C) of every DiT block too."""
     abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), *model.dummy_inputs()))
+    if isinstance(model, UNet):
+        return _unet_torch_shapes(abstract["params"])
     grid = model.input_size // model.patch_size
     shapes = {POS_EMBED: (1, grid * grid, model.hidden_size)}
     for path, leaf in traverse_util.flatten_dict(nn.unbox(abstract["params"])).items():
@@ -175,6 +196,91 @@ def first_mismatch(shapes: Mapping[str, tuple], expected: Mapping[str, tuple]) -
         if tuple(shapes[key]) != tuple(expected[key]):
             return f"{key!r} has shape {tuple(shapes[key])}, expected {tuple(expected[key])}"
     return None
+
+
+# --- guided-diffusion's U-Net layout ----------------------------------------------------
+#
+# `dtr_jax.models.unet` mirrors guided-diffusion's module names; what differs is the leaf:
+#
+#   PyTorch key (layout)                             Flax param (layout)
+#   input_blocks.4.0.out_layers.3.weight (O,I,3,3)   input_blocks_4_0/out_layers_3/kernel (3,3,I,O)
+#   input_blocks.4.0.out_layers.0.weight (C,)        input_blocks_4_0/out_layers_0/scale (GroupNorm)
+#   middle_block.1.qkv.weight (3C, C, 1)             middle_block_1/qkv/kernel (C, 3C)
+#   time_embed.0.weight (out, in)                    time_embed_0/kernel (in, out)
+#   label_emb.weight (rows, 4 x model_channels)      label_emb/embedding
+#
+# (the attention's qkv and proj_out are 1x1 Conv1d layers there, Dense layers here).
+# guided-diffusion's files carry no routing tables (its models are unrouted); a U-Net's
+# state dict out is loadable by guided-diffusion's UNetModel with strict=True.
+
+UNET_KEY = "input_blocks.0.0.weight"  # the input convolution, which every UNetModel has
+UNET_LABELS = "label_emb.weight"
+_CONV1D = ("qkv", "proj_out")  # the AttentionBlock's 1x1 Conv1d layers
+
+
+def is_unet_state_dict(state_dict: Mapping[str, Any]) -> bool:
+    """Whether a state dict is in guided-diffusion's U-Net layout."""
+    return UNET_KEY in state_dict
+
+
+def _unet_params_from_torch(state_dict: Mapping[str, Any]) -> dict:
+    flat = {}
+    for key, value in state_dict.items():
+        w = to_numpy(value)
+        *parents, leaf = key.split(".")
+        path = tuple(_module_path(parents))
+        if leaf == "bias":
+            flat[(*path, "bias")] = w
+        elif w.ndim == 1:  # a GroupNorm's weight
+            flat[(*path, "scale")] = w
+        elif path[-1] == "label_emb":
+            flat[(*path, "embedding")] = w
+        elif w.ndim == 4:  # OIHW -> HWIO
+            flat[(*path, "kernel")] = np.ascontiguousarray(w.transpose(2, 3, 1, 0))
+        else:  # Linear (O, I) or 1x1 Conv1d (O, I, 1) -> (I, O)
+            flat[(*path, "kernel")] = np.ascontiguousarray(w.reshape(w.shape[:2]).T)
+    return traverse_util.unflatten_dict(flat)
+
+
+def _unet_to_torch(path: tuple[str, ...], w: np.ndarray) -> tuple[str, np.ndarray]:
+    """(PyTorch key, array in its layout) of the Flax param at `path`."""
+    *parents, leaf = path
+    module = ".".join(re.sub(r"_(\d+)", r".\1", p) for p in parents)
+    if leaf == "kernel":
+        if w.ndim == 4:
+            w = np.transpose(w, (3, 2, 0, 1))
+        else:
+            w = w.T[..., None] if parents[-1] in _CONV1D else w.T
+    return f"{module}.{'bias' if leaf == 'bias' else 'weight'}", w
+
+
+def _unet_params_to_torch(params) -> dict[str, np.ndarray]:
+    out = {}
+    for path, w in traverse_util.flatten_dict(nn.unbox(jax.device_get(params))).items():
+        key, w = _unet_to_torch(path, np.asarray(w, np.float32))
+        out[key] = np.ascontiguousarray(w)
+    return out
+
+
+def _unet_torch_shapes(abstract_params) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for path, leaf in traverse_util.flatten_dict(nn.unbox(abstract_params)).items():
+        key, w = _unet_to_torch(path, np.broadcast_to(np.float32(0), leaf.shape))
+        shapes[key] = tuple(w.shape)
+    return shapes
+
+
+def _unet_label_hint(mismatch: str, model: UNet) -> str:
+    """Why a U-Net's label rows may differ by one: the null label of label dropout."""
+    if not mismatch.startswith(repr(UNET_LABELS)) or model.num_classes == 1:
+        return ""
+    if model.null_label:
+        return (
+            " (the config's model has a null label row for classifier-free guidance, "
+            "model.class_dropout_prob > 0; guided-diffusion's models have none: set "
+            "model.class_dropout_prob=0)"
+        )
+    return " (a last, null label row: set model.class_dropout_prob > 0, e.g. 0.1)"
 
 
 # --- reading files --------------------------------------------------------------------
@@ -329,20 +435,22 @@ class Checkpoint:
 
     # --- checks
 
-    def problems(self, model: DiT, num_timesteps: int, optimizer: bool = False) -> list[str]:
+    def problems(self, model: DiT | UNet, num_timesteps: int, optimizer: bool = False) -> list[str]:
         """What keeps this file from being `model`'s weights: the first missing,
         unexpected or mis-shaped key of each state dict, a `pos_embed` that is not the
         fixed one, routing buffers that are not 0/1 tables of T = `num_timesteps` rows;
         with `optimizer`, an `opt` whose AdamW state does not fit the model."""
         found = []
+        unet = isinstance(model, UNet)
         for role, sd in self.state_dicts.items():
             if role == "ema" and sd is self.state_dicts["model"]:
                 break
             where = "" if self.kind == "state dict" else f"'{role}' "
             mismatch = first_mismatch(_shapes(sd, model), _expected(sd, model, num_timesteps))
             if mismatch:
-                found.append(f"does not hold this model: {where}{mismatch}")
-            else:
+                hint = _unet_label_hint(mismatch, model) if unet else ""
+                found.append(f"does not hold this model: {where}{mismatch}{hint}")
+            elif not unet:
                 found += [f"{where}{p}" for p in _pos_embed_problems(sd[POS_EMBED], model)]
         if found:
             return found
@@ -358,18 +466,27 @@ class Checkpoint:
         """What the file holds and its routing, for logs."""
         held = [k for k in self.keys if k in self.READ] or ["weights"]
         ignored = f"; not read: {', '.join(self.ignored)}" if self.ignored else ""
+        if is_unet_state_dict(self.state_dicts["ema"]):
+            return (
+                f"{self.kind} of a guided-diffusion U-Net ({', '.join(held)}{ignored}), "
+                "without routing tables (the config's routing applies)"
+            )
         routed = describe_tables(classify_tables(self.tables(), alphas))
         return f"{self.kind} ({', '.join(held)}{ignored}), routing buffers: {routed}"
 
 
-def _shapes(sd: Mapping[str, Any], model: DiT) -> dict[str, tuple]:
+def _shapes(sd: Mapping[str, Any], model: DiT | UNet) -> dict[str, tuple]:
     shapes = {k: tuple(v.shape) for k, v in sd.items()}
-    if model.num_classes == 1 and shapes.get(_EMBEDDING) == (2, model.hidden_size):
+    if (
+        isinstance(model, DiT)
+        and model.num_classes == 1
+        and shapes.get(_EMBEDDING) == (2, model.hidden_size)
+    ):
         shapes[_EMBEDDING] = (1, model.hidden_size)  # a kept null row is fine too
     return shapes
 
 
-def _expected(sd: Mapping[str, Any], model: DiT, num_timesteps: int) -> dict[str, tuple]:
+def _expected(sd: Mapping[str, Any], model: DiT | UNet, num_timesteps: int) -> dict[str, tuple]:
     """The shapes `sd` must have; routing buffers only if it has any (a DiT has none)."""
     routed = any(ROUTING_BUFFER.match(k) for k in sd)
     return torch_shapes(model, num_timesteps if routed else None)
@@ -600,6 +717,7 @@ __all__ = [
     "describe_tables",
     "first_mismatch",
     "full_tables",
+    "is_unet_state_dict",
     "open_checkpoint",
     "params_from_torch",
     "params_to_torch",

@@ -29,17 +29,23 @@ def _save(plt, fig, path: str) -> None:
     files.write_atomically(path, buffer.getvalue())
 
 
-def routing_tables(tables: np.ndarray, path: str, title: str, max_blocks: int = 4) -> None:
+def routing_tables(tables, path: str, title: str, max_blocks: int = 4) -> None:
     """The (G, T, C) 0/1 tables as images (task t down, channel across; dark = active),
-    for the first `max_blocks` tables."""
-    shown = tables[:max_blocks]
-    plt, fig = _figure(3.2 * len(shown), 3.4)
-    for g, table in enumerate(shown):
-        ax = fig.add_subplot(1, len(shown), g + 1)
-        ax.imshow(table, aspect="auto", cmap="Greys", interpolation="nearest", vmin=0, vmax=1)
-        ax.set_xlabel("channel")
-        ax.set_ylabel("task (timestep t)")
-        ax.set_title("all blocks" if len(tables) == 1 else f"block {g}", fontsize=9)
+    for the first `max_blocks` tables; a U-Net's {width: (G, T, width)}, the first
+    `max_blocks` tables of each width, one row per width."""
+    groups = tables if isinstance(tables, dict) else {None: tables}
+    shown = {w: t[:max_blocks] for w, t in sorted(groups.items(), key=lambda kv: kv[0] or 0)}
+    columns = max(len(t) for t in shown.values())
+    plt, fig = _figure(3.2 * columns, 3.4 * len(shown))
+    for row, (width, group) in enumerate(shown.items()):
+        for g, table in enumerate(group):
+            ax = fig.add_subplot(len(shown), columns, row * columns + g + 1)
+            ax.imshow(table, aspect="auto", cmap="Greys", interpolation="nearest", vmin=0, vmax=1)
+            ax.set_xlabel("channel")
+            ax.set_ylabel("task (timestep t)")
+            which = "all blocks" if len(groups[width]) == 1 else f"block {g}"
+            which += "" if width is None else f" of width {width}"
+            ax.set_title(which, fontsize=9)
     fig.suptitle(title, fontsize=10)
     _save(plt, fig, path)
 

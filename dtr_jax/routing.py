@@ -3,7 +3,8 @@
 A routing table is a (T, C) array of 0/1: row t is the channel mask of the
 denoising task at timestep t. Tables are plain numpy constants computed once,
 held outside the model parameters and gathered per sample inside the jitted
-model (see `dtr_jax.models.dit`). `route` applies a gathered mask to the residual
+model (see `dtr_jax.models.dit`; a U-Net takes one group of tables per routed width,
+`width_tables`, see `dtr_jax.models.unet`). `route` applies a gathered mask to the residual
 branches of any block, so every routed architecture routes the same way.
 """
 
@@ -122,6 +123,35 @@ def model_tables(
             for i in range(depth)
         ]
     )
+
+
+def width_tables(
+    kind: str,
+    num_tasks: int,
+    widths,
+    beta: float = 0.8,
+    alpha: float = 4.0,
+    seed: int = 0,
+) -> dict[int, np.ndarray] | None:
+    """Tables for a model whose routed sites have several widths (a U-Net): {C: (G, T, C)}.
+
+    `widths` is the width of every routed site in forward order. 'dtr' builds one table
+    per width (G = 1: the sites of width C share it, as a DiT's blocks share theirs);
+    'random' draws one per site (G = the number of sites of width C, in forward order;
+    the i-th site of the model uses the seed `block_seed(seed, i)`); 'none' returns None.
+    """
+    widths = [int(w) for w in widths]
+    for c in sorted(set(widths)):
+        _check(kind, num_tasks, c, beta, alpha)
+    if kind == "none":
+        return None
+    if kind == "dtr":
+        return {c: routing_table("dtr", num_tasks, c, beta, alpha)[None] for c in set(widths)}
+    drawn: dict[int, list[np.ndarray]] = {}
+    for i, c in enumerate(widths):
+        table = routing_table("random", num_tasks, c, beta, alpha, seed=block_seed(seed, i))
+        drawn.setdefault(c, []).append(table)
+    return {c: np.stack(tables) for c, tables in drawn.items()}
 
 
 def route(branches, x, mask):

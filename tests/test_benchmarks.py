@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from benchmarks import common, torch_step
+from dtr_jax import interop
 from dtr_jax.config import load_config, model_spec
 from dtr_jax.diffusion import GaussianDiffusion
 from dtr_jax.inference import build
@@ -110,6 +111,61 @@ def test_torch_counterpart_is_the_reference_dit_with_fused_attention():
         np.testing.assert_allclose(
             fused(x, t, y).numpy(), plain(x, t, y, tables).numpy(), rtol=1e-5, atol=1e-6
         )
+
+
+def _torch_macs(model, x, t, y):
+    """Multiply-adds of one forward of a torch U-Net per image, counted by hooks on its
+    convolutions, linear layers and attention products."""
+    attention = (
+        torch_step.unet_reference.QKVAttention,
+        torch_step.unet_reference.QKVAttentionLegacy,
+    )
+    macs = []
+
+    def count(module, inputs, output):
+        if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d)):
+            per_output = module.in_channels * int(np.prod(module.kernel_size))
+            macs.append(output[0].numel() * per_output)
+        elif isinstance(module, torch.nn.Linear):
+            macs.append(output[0].numel() * module.in_features)
+        elif isinstance(module, attention):
+            _, width, length = inputs[0].shape
+            macs.append(2 * length * length * width // 3)  # QK^T and AV
+
+    hooks = [m.register_forward_hook(count) for m in model.modules()]
+    with torch.no_grad():
+        model(x, t, y)
+    for hook in hooks:
+        hook.remove()
+    return sum(macs)
+
+
+@pytest.mark.parametrize("options", ["resblock_updown", "conv resampling"])
+def test_unet_forward_macs_count_every_layer_and_the_counterpart_is_the_unet(options):
+    """common.forward_macs of a U-Net = the multiply-adds hooks count in the PyTorch
+    counterpart, which computes what the JAX U-Net computes (same weights, same tables)."""
+    overrides = {"model.unet.resblock_updown": options == "resblock_updown"}
+    overrides["model.routing.kind"] = "random"
+    config = load_config(str(ROOT / "configs" / "digits_unet.py"), **overrides)
+    dm = build(model_spec(config))
+    torch.manual_seed(0)
+    counterpart = torch_step.build_model(config, "random").eval()
+    x, t, y = torch.randn(1, 1, 8, 8), torch.tensor([500]), torch.tensor([3])
+    assert common.forward_macs(dm.model) == _torch_macs(counterpart, x, t, y)
+    state = counterpart.state_dict()
+    params = interop.params_from_torch(
+        {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+    )
+    tables = {w: state[f"table_{w}"].numpy().astype(np.uint8) for w in dm.tables}
+    for w, table in tables.items():  # the same seeded tables on both sides
+        np.testing.assert_array_equal(table, dm.tables[w])
+    x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([0, 500, 999]), torch.tensor([1, 2, 10])
+    with torch.no_grad():
+        want = counterpart(x, t, y).numpy().transpose(0, 2, 3, 1)
+    got = dm.model.apply(
+        {"params": params}, x.numpy().transpose(0, 2, 3, 1), t.numpy(), y.numpy(), tables
+    )
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
 # Imports a bare accelerator host lacks: any of them in a benchmark's import path fails it.

@@ -35,6 +35,7 @@ LAYERS = [
             "dtr_jax.routing",
             "dtr_jax.models",
             "dtr_jax.models.dit",
+            "dtr_jax.models.unet",
             "dtr_jax.models.inception",
             "dtr_jax.models.vae",
             "dtr_jax.diffusion",

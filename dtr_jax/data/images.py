@@ -9,7 +9,8 @@ them to [-1, 1] for a pixel-space model (as the digits are):
                 below them), or a flat folder of images, one class (FFHQ, CelebA-HQ).
   imagenet2012  TFDS `imagenet2012` in `data.tfds_data_dir`, read by `tfds.data_source`
                 (ArrayRecord, no TensorFlow); `prepare_tfds` builds it once from the
-                manual download in `data.manual_dir` (that needs TensorFlow).
+                manual download in `data.manual_dir` (that needs TensorFlow), before
+                `--mode extract` or the first pixel-space training run (one process).
 
 Image files are read with PIL on local disks (or mounted buckets); `center_crop` is the
 one place images are cropped. PIL is imported where images are read, so that the rest
@@ -191,8 +192,9 @@ class TfdsImages:
                 [
                     f"the TFDS dataset {name!r} (split {split!r}) is not built as array_record "
                     f"in {where} ({type(e).__name__}: {str(e).splitlines()[0]}): set "
-                    "data.manual_dir to the folder of the manual download and --mode extract "
-                    "builds it (README: Training on ImageNet)"
+                    "data.manual_dir to the folder of the manual download and --mode extract, "
+                    "or a pixel-space training run on one process, builds it (README: "
+                    "Training on ImageNet)"
                 ]
             ) from None
         self.num_classes = builder.info.features["label"].num_classes
@@ -279,8 +281,17 @@ def tfds_source(
         if config.data.manual_dir:
             prepare_tfds(name, config.data.tfds_data_dir, config.data.manual_dir)
 
+    def build(config, split: str) -> ModelScale:
+        """The photographs in [-1, 1] for a pixel-space model; a single process builds
+        the dataset from `data.manual_dir` first if it is not built (as --mode extract)."""
+        import jax  # where a model trains on them
+
+        if jax.process_count() == 1:
+            prepare(config)
+        return ModelScale(images(config, split))
+
     return Source(
-        build=_scaled(images),
+        build=build,
         images=images,
         prepare=prepare,
         problems=_tfds_problems,
