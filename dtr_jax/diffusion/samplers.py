@@ -51,8 +51,13 @@ FIELDS = (
 class Sampler:
     objective: str  # the objective (`diffusion.objective`) whose models it samples
     loop: Callable  # (objective, denoise, shape, rng, s, x_T) -> (x_0, model calls)
+    calls: Callable  # (s) -> the model calls per image, None where adaptive
     reads: tuple[str, ...] = ()  # the FIELDS that change its samples beyond those always recorded
     min_steps: int = 1
+
+
+def _one_per_step(s) -> int:
+    return s.num_steps
 
 
 SAMPLERS: Registry[Sampler] = Registry("sample.sampler")
@@ -94,8 +99,8 @@ def _respaced(name: str):
     return loop
 
 
-SAMPLERS.register("ddpm", Sampler("ddpm", _respaced("ddpm")))
-SAMPLERS.register("ddim", Sampler("ddpm", _respaced("ddim")))
+SAMPLERS.register("ddpm", Sampler("ddpm", _respaced("ddpm"), _one_per_step))
+SAMPLERS.register("ddim", Sampler("ddpm", _respaced("ddim"), _one_per_step))
 
 
 def dpmpp_2m_schedule(process: GaussianDiffusion, num_steps: int):
@@ -146,7 +151,7 @@ def dpmpp_2m(process: GaussianDiffusion, denoise, shape, rng, s, x_T=None):
     return x, len(steps)
 
 
-SAMPLERS.register("dpmpp_2m", Sampler("ddpm", dpmpp_2m))
+SAMPLERS.register("dpmpp_2m", Sampler("ddpm", dpmpp_2m, _one_per_step))
 
 
 # ----------------------------------------------------------------------------- flow models
@@ -188,8 +193,13 @@ def _fixed_step(heun: bool):
     return loop
 
 
-SAMPLERS.register("euler", Sampler("flow", _fixed_step(heun=False), reads=("sample_eps",)))
-SAMPLERS.register("heun", Sampler("flow", _fixed_step(heun=True), reads=("sample_eps",)))
+SAMPLERS.register(
+    "euler", Sampler("flow", _fixed_step(heun=False), _one_per_step, reads=("sample_eps",))
+)
+SAMPLERS.register(
+    "heun",
+    Sampler("flow", _fixed_step(heun=True), lambda s: 2 * s.num_steps, reads=("sample_eps",)),
+)
 
 
 # The model calls of diffrax's Dopri5 with dt0=None: one at t0 (first same as last), then
@@ -222,7 +232,9 @@ def dopri5(objective: flow.FlowMatching, denoise, shape, rng, s, x_T=None):
     return solution.ys[0], calls
 
 
-SAMPLERS.register("dopri5", Sampler("flow", dopri5, reads=("sample_eps", "atol", "rtol")))
+SAMPLERS.register(
+    "dopri5", Sampler("flow", dopri5, lambda s: None, reads=("sample_eps", "atol", "rtol"))
+)
 
 
 def sde_interval(objective: flow.FlowMatching, s) -> tuple[float, float]:
@@ -293,6 +305,7 @@ SAMPLERS.register(
     Sampler(
         "flow",
         euler_maruyama,
+        lambda s: s.num_steps - (s.sde_last_step == "none"),
         reads=(
             "sample_eps",
             "sde_diffusion",
