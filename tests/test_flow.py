@@ -445,3 +445,27 @@ def test_ddpm_refuses_what_it_has_not(overrides, message):
         validate(tiny(**overrides), num_devices=8)
     validate(tiny(**{"model.routing.num_tasks": 1000, "sample.sampler": "dpmpp_2m"}), 8)
     validate(flow_config(**{"model.routing.num_tasks": 250, "sample.sampler": "dopri5"}), 8)
+
+
+def test_run_names_record_what_each_sampler_reads():
+    from dtr_jax import sample
+
+    def name(config, **fields):
+        config = config.copy_and_resolve_references()
+        for field, value in fields.items():
+            config.sample[field] = value
+        return sample.run_name(config, 8, 12)
+
+    dopri5 = flow_config(**{"sample.sampler": "dopri5"})
+    sde = flow_config(**{"sample.sampler": "euler_maruyama"})
+    for config, changes in [
+        (dopri5, dict(atol=1e-5, rtol=1e-2, sample_eps=0.01, guidance_high=0.7)),
+        (sde, dict(sde_diffusion="sbdm", sde_diffusion_norm=2.0, sde_last_step="tweedie")),
+        (sde, dict(sde_last_step_size=0.1, guidance_low=0.1)),
+    ]:
+        names = {name(config)} | {name(config, **{k: v}) for k, v in changes.items()}
+        assert len(names) == len(changes) + 1
+    # what a sampler does not read leaves its runs' names (and earlier versions') alone
+    ddpm = tiny()
+    assert name(ddpm, atol=1e-3, sde_last_step="none", sample_eps=0.1) == name(ddpm)
+    assert name(dopri5, sde_diffusion="linear") == name(dopri5)
