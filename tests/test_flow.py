@@ -167,7 +167,7 @@ def gaussian_model(objective):
 
     def denoise(x, t):
         tt = flow._like(t, x)
-        (a, da), (s, ds) = objective.paths.alpha(tt), objective.paths.sigma(tt)
+        (a, da), (s, ds) = objective.interpolant.alpha(tt), objective.interpolant.sigma(tt)
         var = a**2 * SD**2 + s**2
         x1 = MU + a * SD**2 * (x - a * MU) / var
         x0 = s * (x - a * MU) / var
@@ -180,7 +180,8 @@ def exact_flow(objective, z, t0, t1):
     """Where the ODE takes z from t0 to t1: x_t = a_t MU + sqrt(a_t^2 SD^2 + s_t^2) w."""
 
     def moments(t):
-        a, s = objective.paths.alpha(jnp.float32(t))[0], objective.paths.sigma(jnp.float32(t))[0]
+        path, t = objective.interpolant, jnp.float32(t)
+        a, s = path.alpha(t)[0], path.sigma(t)[0]
         return a * MU, jnp.sqrt(a**2 * SD**2 + s**2)
 
     (m0, s0), (m1, s1) = moments(t0), moments(t1)

@@ -175,7 +175,8 @@ class FlowMatching:
             raise ValueError("; ".join(found))
 
     @property
-    def paths(self) -> Linear:
+    def interpolant(self) -> Linear:
+        """The path's alpha_t, sigma_t and ODE terms."""
         return PATH_CLASSES[self.path]()
 
     def eps(self, sample_eps: float | None = None) -> tuple[float, float]:
@@ -192,7 +193,7 @@ class FlowMatching:
         """(x_t, u_t): the point of the path at t between noise x0 and data x1, and its
         velocity."""
         t = _like(t, x1)
-        (alpha, d_alpha), (sigma, d_sigma) = self.paths.alpha(t), self.paths.sigma(t)
+        (alpha, d_alpha), (sigma, d_sigma) = self.interpolant.alpha(t), self.interpolant.sigma(t)
         return alpha * x1 + sigma * x0, d_alpha * x1 + d_sigma * x0
 
     def prediction_of(self, model_output, x):
@@ -207,10 +208,10 @@ class FlowMatching:
         """The score grad log p_t(x) of a prediction (SiT `get_score`)."""
         t = _like(t, x)
         if self.prediction == "noise":
-            return prediction / -self.paths.sigma(t)[0]
+            return prediction / -self.interpolant.sigma(t)[0]
         if self.prediction == "score":
             return prediction
-        (alpha, d_alpha), (sigma, d_sigma) = self.paths.alpha(t), self.paths.sigma(t)
+        (alpha, d_alpha), (sigma, d_sigma) = self.interpolant.alpha(t), self.interpolant.sigma(t)
         ratio = alpha / d_alpha
         return (ratio * prediction - x) / (sigma**2 - ratio * d_sigma * sigma)
 
@@ -218,7 +219,7 @@ class FlowMatching:
         """The probability-flow ODE's drift dx/dt of a prediction (SiT `get_drift`)."""
         if self.prediction == "velocity":
             return prediction
-        f, g = self.paths.drift_terms(x, _like(t, x))
+        f, g = self.interpolant.drift_terms(x, _like(t, x))
         return f + g * self.score(x, t, prediction)
 
     def sde_diffusion(self, x, t, form: str, norm: float):
@@ -228,9 +229,9 @@ class FlowMatching:
         if form == "constant":
             return jnp.full_like(t, norm)
         if form == "sbdm":
-            return norm * self.paths.drift_terms(x, t)[1]
+            return norm * self.interpolant.drift_terms(x, t)[1]
         if form == "sigma":
-            return norm * self.paths.sigma(t)[0]
+            return norm * self.interpolant.sigma(t)[0]
         if form == "linear":
             return norm * (1 - t)
         if form == "decreasing":
@@ -251,6 +252,7 @@ class FlowMatching:
         return jnp.clip(rows, 0, self.num_tasks - 1)
 
     def task_rows(self, t) -> jax.Array:
+        """The routing rows (B,) of training times t: `model_task`'s."""
         return self.model_task(t)
 
     # ---------------------------------------------------------------- training
@@ -294,8 +296,8 @@ class FlowMatching:
             mse = _mean_flat((out - u_t) ** 2)
         else:
             tx = _like(t, x_t)
-            g = self.paths.drift_terms(x_t, tx)[1]
-            sigma = self.paths.sigma(tx)[0]
+            g = self.interpolant.drift_terms(x_t, tx)[1]
+            sigma = self.interpolant.sigma(tx)[0]
             weight = {"none": 1.0, "velocity": (g / sigma) ** 2, "likelihood": g / sigma**2}
             target = out - noise if self.prediction == "noise" else out * sigma + noise
             mse = _mean_flat(weight[self.loss_weight] * target**2)
@@ -304,8 +306,8 @@ class FlowMatching:
     def snr_table(self) -> np.ndarray:
         """alpha^2 / sigma^2 at the time of each task row (inf at the data end)."""
         t = jnp.asarray(1.0 - np.linspace(0.0, 1.0, self.num_tasks), jnp.float32)
-        alpha = np.asarray(self.paths.alpha(t)[0], np.float64)
-        sigma = np.asarray(self.paths.sigma(t)[0], np.float64)
+        alpha = np.asarray(self.interpolant.alpha(t)[0], np.float64)
+        sigma = np.asarray(self.interpolant.sigma(t)[0], np.float64)
         with np.errstate(divide="ignore"):
             return alpha**2 / sigma**2
 

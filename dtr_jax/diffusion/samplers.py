@@ -277,7 +277,7 @@ def last_step(objective: flow.FlowMatching, denoise, x, t, s):
     if s.sde_last_step == "euler":
         return x + v * size
     tx = flow._like(t, x)
-    alpha, sigma = objective.paths.alpha(tx)[0], objective.paths.sigma(tx)[0]
+    alpha, sigma = objective.interpolant.alpha(tx)[0], objective.interpolant.sigma(tx)[0]
     return x / alpha + sigma**2 / alpha * score
 
 
