@@ -74,6 +74,20 @@ def test_sit_checkpoint_imports_and_samples_as_sit(sit):
     np.testing.assert_allclose(samples, xt.numpy().transpose(0, 2, 3, 1), atol=1e-4)
 
 
+def test_a_flow_model_exports_and_loads_with_its_objective(sit, tmp_path):
+    _, path = sit
+    config = flow_config(init_from=path, **SIT)
+    imported = export.from_pytorch(config)
+    out = export.export(jax.device_get(imported.params), config, str(tmp_path / "export"))
+    loaded = export.load(out)
+    assert loaded.spec["diffusion"] == dict(
+        objective="flow", path="linear", prediction="velocity", num_tasks=1000
+    )
+    assert loaded.spec["sampling"]["sampler"] == "heun"
+    labels = np.array([2, 7])
+    np.testing.assert_array_equal(loaded.sample(labels, 3), imported.sample(labels, 3))
+
+
 def test_sit_checkpoint_samples_through_the_cli(sit, tmp_path):
     _, path = sit
     fields = TINY | SIT | {"init_from": path, "sample.num_samples": 6, "sample.batch_size": 6}
