@@ -19,6 +19,15 @@ reason, and the next older one is tried. Nothing is ever deleted or overwritten
 because it failed: the trainer moves it aside to `<step>.corrupt` (read-only modes
 leave it in place), so the step can be written again. Checkpoints are deleted only
 by retention (`max_to_keep`), and only once a newer one is committed.
+
+Several processes (multi-host): Orbax's save and restore are collectives (every
+process calls them for the same steps), so every decision that leads into one is
+taken alike on all: which steps exist is what process 0 lists (`agreed_steps`), and a
+read that fails on one host fails on all (`sharding.all_hosts_agree`). Committing and
+retention are process 0's alone and enter no collective: each process finishes its
+part of an asynchronous save when it gets to it (`poll`), and process 0 writes the
+commit record, then deletes what retention drops by itself (no Orbax `delete`, which
+is a collective).
 """
 
 from __future__ import annotations
@@ -50,6 +59,15 @@ def problems(max_to_keep) -> list[str]:
 
 def checkpoint_dir(workdir: str) -> epath.Path:
     return files.resolve(workdir) / "checkpoints"
+
+
+def committed_steps(directory: epath.Path) -> list[int]:
+    """The steps of a checkpoint directory whose commit record exists, oldest first, as
+    this process sees them (no collective)."""
+    if not directory.is_dir():
+        return []
+    steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()]
+    return sorted(s for s in steps if (directory / str(s) / COMMIT).exists())
 
 
 # --- array checksums, computed on the devices ------------------------------------------
@@ -201,6 +219,7 @@ class Checkpoints:
         self.directory = checkpoint_dir(workdir)
         self.max_to_keep, self.owner = max_to_keep, owner and not read_only
         self._pending: tuple[int, dict] | None = None  # saved, not yet committed
+        self._abandoned = False
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None,  # retention is ours: only committed steps count
             save_interval_steps=0 if read_only else 1,
@@ -218,11 +237,13 @@ class Checkpoints:
         return self.directory / str(step)
 
     def committed_steps(self) -> list[int]:
-        """Steps whose commit record exists, oldest first."""
-        if not self.directory.is_dir():
-            return []
-        steps = [int(p.name) for p in self.directory.iterdir() if p.name.isdigit()]
-        return sorted(s for s in steps if (self.step_dir(s) / COMMIT).exists())
+        """Steps whose commit record exists, oldest first, as this process sees them."""
+        return committed_steps(self.directory)
+
+    def agreed_steps(self) -> list[int]:
+        """`committed_steps` as process 0 sees them, on every process (a collective): the
+        list to take a decision on that leads into Orbax's collectives."""
+        return sharding.on_process_0(self.committed_steps)
 
     def latest_step(self) -> int | None:
         steps = self.committed_steps()
@@ -266,12 +287,15 @@ class Checkpoints:
         ).meta
 
     def newest_meta(self) -> tuple[int, dict] | None:
-        """(step, meta) of the newest committed step whose meta can be read."""
-        for step in reversed(self.committed_steps()):
+        """(step, meta) of the newest committed step whose meta every process can read."""
+        for step in reversed(self.agreed_steps()):
             try:
-                return step, self.meta(step)
+                meta, problem = self.meta(step), None
             except Exception as e:  # an unreadable checkpoint: the restore reports it
-                logging.warning("Cannot read the meta of %s: %s", self.step_dir(step), e)
+                meta, problem = None, e
+            if sharding.all_hosts_agree(problem is None):
+                return step, meta
+            logging.warning("Cannot read the meta of %s: %s", self.step_dir(step), problem)
         return None
 
     # --- saving
@@ -338,9 +362,18 @@ class Checkpoints:
         )
 
     def _apply_retention(self) -> None:
-        if self.max_to_keep and jax.process_index() == 0:
-            for step in self.committed_steps()[: -self.max_to_keep]:
-                self._manager.delete(step)
+        """Process 0 deletes the committed steps beyond the newest `max_to_keep`, each
+        uncommitted first (its record removed), so that a deletion cut short leaves an
+        unfinished step, never a damaged committed one. No collective: the other processes
+        may be anywhere in the loop (Orbax's `delete` would wait for all of them)."""
+        if not self.max_to_keep or jax.process_index() != 0:
+            return
+        for step in self.committed_steps()[: -self.max_to_keep]:
+            (self.step_dir(step) / COMMIT).unlink()
+            self.step_dir(step).rmtree()
+            logging.info(
+                "Deleted checkpoint %s (max_to_keep=%d)", self.step_dir(step), self.max_to_keep
+            )
 
     # --- verified restoring
 
@@ -373,7 +406,7 @@ class Checkpoints:
         arrays are laid out otherwise than `expected` is intact but of another state (a
         config that builds other optimizer state, say): a WorkdirError, touching nothing."""
         found = []
-        for step in reversed(self.committed_steps()):
+        for step in reversed(self.agreed_steps()):
             path = self.step_dir(step)
             tree, refused = None, None
             try:
@@ -418,11 +451,16 @@ class Checkpoints:
             "access and run again"
         )
 
-    def set_aside(self) -> list[epath.Path]:
-        """The checkpoints moved aside as damaged (`<step>.corrupt[-k]`)."""
-        if not self.directory.is_dir():
-            return []
-        return sorted(p for p in self.directory.iterdir() if CORRUPT_SUFFIX in p.name)
+    def set_aside(self) -> list[str]:
+        """The names of the checkpoints moved aside as damaged (`<step>.corrupt[-k]`), as
+        process 0 sees them, on every process (a collective)."""
+
+        def names():
+            if not self.directory.is_dir():
+                return []
+            return sorted(p.name for p in self.directory.iterdir() if CORRUPT_SUFFIX in p.name)
+
+        return sharding.on_process_0(names)
 
     def _set_aside(self, step: int) -> None:
         """Renames a failed checkpoint to <step>.corrupt[-k], keeping its bytes for inspection."""
@@ -439,9 +477,16 @@ class Checkpoints:
         """True on every host once a preemption notice (SIGTERM on pods) is shared."""
         return self._manager.reached_preemption(step)
 
+    def abandon(self) -> None:
+        """Gives up a save in flight without waiting for it (its writes wait for a process
+        of the run that is gone), and makes `close` a no-op: the step stays uncommitted."""
+        self._pending, self._abandoned = None, True
+
     def close(self) -> None:
         """Commits a save still in flight if it can (logging, not raising, if it cannot:
         `close` runs while another error may be on its way out), then closes."""
+        if self._abandoned:
+            return
         try:
             self._commit_previous()
         except CheckpointError as e:
@@ -494,24 +539,46 @@ def check_workdir(workdir: str, signature: dict, state=None) -> None:
     (given the abstract train `state` a run would restore) one whose newest checkpoint
     holds a state of another layout.
 
-    Reads only; writes nothing, so a refused workdir is left exactly as it was.
+    Reads only; writes nothing, so a refused workdir is left exactly as it was. With
+    several processes, every host must be able to write there (each writes its part of
+    the checkpoints), and all of them refuse alike.
     """
-    files.check_writable_dir(workdir, "--workdir")
-    if not checkpoint_dir(workdir).is_dir():
+    sharding.on_every_host(files.check_writable_dir, workdir, "--workdir")
+    if not _has_checkpoint_dir(workdir):
         return
     step = _check_signature(workdir, signature)
     if step is not None and state is not None:
-        record = checkpoint_dir(workdir) / str(step) / COMMIT
-        try:
-            recorded = json.loads(record.read_text())["arrays"]
-        except Exception:  # damaged: the verified restore reports it and falls back
-            return
-        _check_layout(record.parent, recorded, layout(state))
+        sharding.on_process_0(
+            _check_recorded_layout, str(checkpoint_dir(workdir) / str(step)), state
+        )
+
+
+def _check_recorded_layout(step_dir: str, state) -> None:
+    """The arrays a committed step's record names must be laid out as `state` (damaged
+    records pass: the verified restore reports them and falls back)."""
+    record = epath.Path(step_dir) / COMMIT
+    try:
+        recorded = json.loads(record.read_text())["arrays"]
+    except Exception:  # damaged: the verified restore reports it and falls back
+        return
+    _check_layout(record.parent, recorded, layout(state))
+
+
+def _has_checkpoint_dir(workdir: str) -> bool:
+    """Whether WORKDIR/checkpoints exists, as process 0 sees it (on every process)."""
+    return sharding.on_process_0(lambda: checkpoint_dir(workdir).is_dir())
+
+
+def has_checkpoint(workdir: str) -> bool:
+    """Whether WORKDIR holds a committed checkpoint (the same answer on every process)."""
+    return _has_checkpoint_dir(workdir) and bool(
+        sharding.on_process_0(committed_steps, checkpoint_dir(workdir))
+    )
 
 
 def require_checkpoint(workdir: str, signature: dict) -> int:
     """The newest committed step of WORKDIR, whose model must be this one."""
-    step = _check_signature(workdir, signature) if checkpoint_dir(workdir).is_dir() else None
+    step = _check_signature(workdir, signature) if _has_checkpoint_dir(workdir) else None
     if step is None:
         raise CheckpointError(
             f"--workdir={workdir} holds no committed checkpoint: train first (--mode train)"
@@ -524,9 +591,10 @@ def _check_signature(workdir: str, signature: dict) -> int | None:
     ckpt = Checkpoints(workdir, read_only=True)
     try:
         newest = ckpt.newest_meta()
-        latest = ckpt.latest_step()
+        steps = ckpt.agreed_steps()
     finally:
         ckpt.close()
+    latest = steps[-1] if steps else None
     if newest is None:
         return latest
     if "signature" not in newest[1]:

@@ -24,6 +24,7 @@ from dtr_jax import (
     data,
     decoders,
     diffusion,
+    distributed,
     evaluators,
     interop,
     lock,
@@ -178,6 +179,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.checkpoint.max_to_keep = 3
     c.checkpoint.async_save = True
     c.checkpoint.lock_lease_secs = 600.0  # a trainer lock older than this (other host) is stale
+
+    # Multi-host runs (README: Multi-host): jax.distributed's timeouts. How the processes are
+    # launched is not a field (it differs per host): flags or the launcher's environment.
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.heartbeat_timeout_secs = 100  # a process silent this long is lost: all stop
+    c.distributed.shutdown_timeout_secs = 300  # at the end, how long each waits for the others
+    c.distributed.initialization_timeout_secs = 300  # how long the processes wait for all to join
 
     c.sample = ml_collections.ConfigDict()
     # ddpm models: 'ddpm', 'ddim', 'dpmpp_2m' (DPM-Solver++(2M)); flow models: 'euler',
@@ -377,6 +385,7 @@ def validate(config, num_devices: int, mode: str = "train") -> None:
     if c.init_from and not found:
         found += _init_from_problems(c, mode)
     found += _named("mesh", c, sharding.problems(c.mesh.data, c.mesh.fsdp, num_devices))
+    found += distributed_problems(c)
     found += _named("sample", c, _sampling_problems(c))
     if mode in ("train", "sample") or (mode == "evaluate" and not c.eval.samples):
         found += _decoder_problems(c)
@@ -391,6 +400,15 @@ def validate(config, num_devices: int, mode: str = "train") -> None:
     if mode == "evaluate" or (mode == "train" and c.eval_every_steps):
         found += _eval_problems(c, sampling=mode == "train" or not c.eval.samples)
     raise_problems(found)
+
+
+def distributed_problems(c) -> list[str]:
+    """The `distributed` section's timeouts (checked before the processes join, too)."""
+    t = c.distributed
+    found = distributed.problems(
+        t.heartbeat_timeout_secs, t.shutdown_timeout_secs, t.initialization_timeout_secs
+    )
+    return _named("distributed", c, found)
 
 
 def _named(section: str, c, problems: list[str]) -> list[str]:

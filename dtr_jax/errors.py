@@ -15,6 +15,7 @@ section the field lives in (`model.routing.`) and raises them together.
   5     WorkdirLocked       another trainer owns the workdir
   6     CheckpointError     no valid checkpoint to read, or a checkpoint could not be written
   7     TrainingDiverged    the loss (or the state to save) is not finite
+  8     LostPeer            a multi-host run lost one of its processes (or its coordinator)
 """
 
 from __future__ import annotations
@@ -75,6 +76,23 @@ class TrainingDiverged(DtrError, FloatingPointError):
     """The loss became non-finite: the run stops, the last good checkpoint stays."""
 
     exit_code = 7
+
+
+class LostPeer(DtrError):
+    """A process of a multi-host run (or the coordinator) stopped answering: this one
+    stopped too. The message says which, and how the run resumes."""
+
+    exit_code = 8
+
+
+class FromOtherProcess(DtrError):
+    """A DtrError another process of a multi-host run raised, raised here too (same
+    message and exit code), so that every process stops alike instead of waiting for
+    the one that stopped."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def raise_problems(problems: list[str]) -> None:

@@ -163,7 +163,7 @@ def _torch_contents(tree, model: DiT, tables) -> dict[str, Callable[[], bytes]]:
 
 
 def _host(params):
-    return jax.device_get(nn.unbox(params))
+    return sharding.to_host(nn.unbox(params))
 
 
 def _resolve_tables(tables, rebuilt, spec: dict) -> np.ndarray | None:

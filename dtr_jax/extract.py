@@ -105,8 +105,8 @@ def params_digest(params) -> str:
 def _begin(directory: str, manifest: dict) -> bool:
     """Checks `directory` against `manifest` and writes it there if new; False if that
     extraction is finished already. Raises ConfigError for another extraction, or for a
-    directory the processes do not share."""
-    found = latents.read_manifest(directory)
+    directory the processes do not share. Every process decides on process 0's reading."""
+    found = sharding.on_process_0(latents.read_manifest, directory)
     if found is not None:
         differ = latents.differences(manifest, found)
         if differ:

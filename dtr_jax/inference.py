@@ -157,7 +157,7 @@ def restore_params(config, workdir: str, mesh, use_ema: bool = True):
     checkpoint, which must be of this config's model (`checkpoint.Checkpoints` verifies
     it and falls back to older ones). Reads only the EMA (or raw) params. A workdir
     without checkpoints reads those of `init_from` if set (`imported_params`)."""
-    if config.init_from and not _has_checkpoint(workdir):
+    if config.init_from and not checkpoint.has_checkpoint(workdir):
         return imported_params(config, mesh, use_ema)
     checkpoint.require_checkpoint(workdir, signature(config))
     dm = from_config(config)
@@ -169,16 +169,6 @@ def restore_params(config, workdir: str, mesh, use_ema: bool = True):
     finally:
         ckpt.close()
     return dm, params, step
-
-
-def _has_checkpoint(workdir: str) -> bool:
-    if not checkpoint.checkpoint_dir(workdir).is_dir():
-        return False
-    ckpt = checkpoint.Checkpoints(workdir, read_only=True)
-    try:
-        return ckpt.latest_step() is not None
-    finally:
-        ckpt.close()
 
 
 def imported_params(config, mesh, use_ema: bool = True):

@@ -127,15 +127,8 @@ class WorkdirLock:
             return {}  # unreadable or half-written: no owner to name; stale by heartbeat
 
     def acquire(self) -> None:
-        """Takes the lock (process 0), or raises WorkdirLocked on every process."""
-        error = None
-        if jax.process_index() == 0:
-            try:
-                self._acquire()
-            except WorkdirLocked as e:
-                error = e
-        if not sharding.all_hosts_agree(error is None):
-            raise error or WorkdirLocked(f"{self.path.parent} is owned by another trainer")
+        """Takes the lock (process 0), or raises its refusal on every process."""
+        sharding.on_process_0(self._acquire)
         if jax.process_index() == 0:
             self._thread = threading.Thread(target=self._beat, name="dtr_jax-lock", daemon=True)
             self._thread.start()

@@ -13,7 +13,8 @@ import traceback
 from absl import flags, logging
 
 from dtr_jax import config as config_lib
-from dtr_jax.errors import ConfigError, DtrError, choice_problems
+from dtr_jax import distributed
+from dtr_jax.errors import ConfigError, DtrError, LostPeer, choice_problems, raise_problems
 
 # What each --mode runs ("module:function", of config and workdir). Imported on demand:
 # training pulls in clu, grain and TensorBoard's writer, which the other modes never use.
@@ -30,11 +31,18 @@ NO_WORKDIR = ("extract", "reference")  # the modes that write elsewhere (data.di
 
 
 def run(mode: str, config, workdir: str):
-    """Runs `--mode` on `config` and `workdir`; returns what the mode returns."""
+    """Runs `--mode` on `config` and `workdir`; returns what the mode returns. In a
+    multi-process run, a failure that says another process is gone ends as LostPeer."""
     if mode not in ENTRIES:
         raise ConfigError(choice_problems("--mode", mode, MODES))
     module, function = ENTRIES[mode].split(":")
-    return getattr(importlib.import_module(module), function)(config, workdir)
+    try:
+        return getattr(importlib.import_module(module), function)(config, workdir)
+    except Exception as e:
+        lost = distributed.as_lost_peer(e, mode, workdir)
+        if lost is None:
+            raise
+        raise lost from e
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -86,6 +94,8 @@ def reporting(verbose: bool = False):
 
 def fail(error: DtrError):
     print(f"dtr_jax: {error}", file=sys.stderr)
+    if isinstance(error, LostPeer):  # no waiting at the shutdown barrier for the lost one
+        distributed.exit_now(error.exit_code)
     sys.exit(error.exit_code)
 
 
@@ -94,20 +104,25 @@ def fail(error: DtrError):
 TENSORFLOW_MODES = ("train", "extract", "reference")
 
 
-def setup_process(verbose: bool = False, mode: str = "train") -> None:
+def setup_process(verbose: bool = False, mode: str = "train", config=None, launch=None) -> None:
     """Quiet library logs (`verbose` keeps their tracebacks), join the other processes of
-    a multi-host job, and, for a `mode` that uses TensorFlow, keep it off the
-    accelerators. Call before any TF import."""
+    a multi-host job (`launch`: the launch flags, {'num_processes': ..., ...}; the
+    environment fills in the rest; `config`'s `distributed` section: the timeouts), and,
+    for a `mode` that uses TensorFlow, keep it off the accelerators. Call before any TF
+    import."""
     # TF only writes summaries and reads data here: keep its import quiet (INFO logs, and
     # the oneDNN notice that TF_CPP_MIN_LOG_LEVEL does not silence).
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     logging.get_absl_handler().addFilter(_LibraryInfoFilter(verbose))
-    sys.unraisablehook = _ClosedLoopFilter(sys.unraisablehook)
+    sys.unraisablehook = _AbandonedReadsFilter(sys.unraisablehook, verbose)
     import jax
 
-    if _multi_process():
-        jax.distributed.initialize()
+    settings = distributed.launch_settings(launch or {})
+    if settings.multi_process:
+        config = config_lib.default_config() if config is None else config
+        raise_problems(config_lib.distributed_problems(config))
+        distributed.join(settings, config.distributed)
     if mode in TENSORFLOW_MODES:
         import tensorflow as tf
 
@@ -118,18 +133,6 @@ def setup_process(verbose: bool = False, mode: str = "train") -> None:
         jax.process_count(),
         jax.local_device_count(),
         jax.device_count(),
-    )
-
-
-def _multi_process() -> bool:
-    """True where a launcher started several processes (TPU pod, SLURM, explicit)."""
-    env = os.environ
-    tpu_hosts = env.get("TPU_WORKER_HOSTNAMES", "")
-    return bool(
-        env.get("JAX_COORDINATOR_ADDRESS")
-        or "," in tpu_hosts
-        or int(env.get("SLURM_NTASKS", "1")) > 1
-        or env.get("DTR_MULTIHOST") == "1"
     )
 
 
@@ -161,17 +164,23 @@ class _LibraryInfoFilter(std_logging.Filter):
         )
 
 
-class _ClosedLoopFilter:
-    """An unraisable-exception hook that logs, instead of printing with a traceback, the
-    `RuntimeError: Event loop is closed` that Orbax's reader threads raise after a failed
-    restore (a checkpoint found damaged, then skipped): the failure is already reported."""
+class _AbandonedReadsFilter:
+    """An unraisable-exception hook that drops what Orbax's reads leave behind after a
+    failed restore (a checkpoint found damaged, then skipped; dtr_jax reports it in one
+    line): the errors of its abandoned read coroutines and the `RuntimeError: Event loop is
+    closed` of its reader threads, each otherwise printed with a traceback. `verbose`
+    keeps them (the previous hook prints them)."""
 
-    def __init__(self, hook):
-        self.hook = hook
+    def __init__(self, hook, verbose: bool):
+        self.hook, self.verbose = hook, verbose
 
     def __call__(self, unraisable):
-        error = unraisable.exc_value
-        if isinstance(error, RuntimeError) and "Event loop is closed" in str(error):
-            logging.info("Ignored after a failed checkpoint read or write: %s", error)
-        else:
+        if self.verbose or not _left_by_orbax(unraisable):
             self.hook(unraisable)
+
+
+def _left_by_orbax(unraisable) -> bool:
+    error, where = unraisable.exc_value, getattr(unraisable.object, "cr_code", None)
+    if isinstance(error, RuntimeError) and "Event loop is closed" in str(error):
+        return True
+    return where is not None and "/orbax/" in where.co_filename

@@ -10,6 +10,8 @@ the model attaches to its parameters.
 from __future__ import annotations
 
 import contextlib
+import json
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -18,7 +20,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dtr_jax.errors import prefixed, raise_problems
+from dtr_jax.errors import DtrError, FromOtherProcess, prefixed, raise_problems
 
 AXES = ("data", "fsdp")
 BATCH = ("data", "fsdp")
@@ -183,6 +185,16 @@ def host_gather(tree):
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
+def to_host(tree):
+    """Every leaf as numpy, on every host: jax Arrays gathered whole however they are
+    sharded (a collective with several processes), host arrays as they are."""
+    leaves, treedef = jax.tree.flatten(tree)
+    on_devices = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array)]
+    for i, value in zip(on_devices, host_gather([leaves[i] for i in on_devices]), strict=True):
+        leaves[i] = value
+    return jax.tree.unflatten(treedef, [np.asarray(x) for x in leaves])
+
+
 def all_hosts_agree(ok: bool) -> bool:
     """True only if `ok` holds on every process (a collective with several processes)."""
     if jax.process_count() == 1:
@@ -203,6 +215,73 @@ def max_over_hosts(n: int) -> int:
     if jax.process_count() == 1:
         return n
     return int(np.max(multihost_utils.process_allgather(np.asarray(n))))
+
+
+def exchange(data: bytes) -> list[bytes]:
+    """Every process's `data`, in process order, on every process (a collective)."""
+    if jax.process_count() == 1:
+        return [data]
+    sizes = np.asarray(multihost_utils.process_allgather(np.asarray(len(data), np.int64)))
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: len(data)] = np.frombuffer(data, np.uint8)
+    rows = np.asarray(multihost_utils.process_allgather(padded))
+    return [row[:n].tobytes() for row, n in zip(rows, sizes, strict=True)]
+
+
+def on_process_0(fn: Callable, *args):
+    """fn(*args) run by process 0 alone, its result (JSON types) returned on every
+    process; what it raises is raised on every process (as FromOtherProcess, with its
+    message and exit code, on the others). For the decisions process 0 takes for all: what
+    a shared store holds, the lock. `fn` must not enter a collective."""
+    if jax.process_count() == 1:
+        return fn(*args)
+    result, error = _run(fn, *args) if jax.process_index() == 0 else (None, None)
+    mine = _report(result, error) if jax.process_index() == 0 else b""
+    report = json.loads(exchange(mine)[0])
+    if error is not None:
+        raise error
+    _raise_reported(report, 0)
+    return report["result"]
+
+
+def on_every_host(fn: Callable, *args):
+    """fn(*args) run by every process (checks each host must pass: a place it writes, a
+    file it reads), returning this process's result; if it raises on any process, every
+    process raises (the lowest such process's error; FromOtherProcess on the others).
+    `fn` must not enter a collective."""
+    if jax.process_count() == 1:
+        return fn(*args)
+    result, error = _run(fn, *args)
+    reports = [json.loads(r) for r in exchange(_report(None, error))]
+    if error is not None:
+        raise error
+    for process, report in enumerate(reports):
+        _raise_reported(report, process)
+    return result
+
+
+def _run(fn: Callable, *args):
+    """(fn(*args), None), or (None, the exception it raised)."""
+    try:
+        return fn(*args), None
+    except Exception as e:  # handed to the caller, which raises it after telling the others
+        return None, e
+
+
+def _report(result, error: Exception | None) -> bytes:
+    """An outcome as the other processes learn it: the result, or the error's message and
+    exit code (a bug, not a DtrError, is exit code 1: its process prints the traceback)."""
+    if error is None:
+        return json.dumps({"result": result}).encode()
+    if isinstance(error, DtrError):
+        return json.dumps({"error": str(error), "exit_code": error.exit_code}).encode()
+    bug = f"a bug ({type(error).__name__}: {error}); its log has the traceback"
+    return json.dumps({"error": bug, "exit_code": 1}).encode()
+
+
+def _raise_reported(report: dict, process: int) -> None:
+    if "error" in report:
+        raise FromOtherProcess(f"(process {process}) {report['error']}", report["exit_code"])
 
 
 def sync_hosts(name: str) -> None:

@@ -23,7 +23,18 @@ import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from dtr_jax import checkpoint, decoders, evaluate, files, lock, plots, routing, sample, sharding
+from dtr_jax import (
+    checkpoint,
+    decoders,
+    distributed,
+    evaluate,
+    files,
+    lock,
+    plots,
+    routing,
+    sample,
+    sharding,
+)
 from dtr_jax import config as config_lib
 from dtr_jax import step as step_lib
 from dtr_jax.data import get_source
@@ -62,6 +73,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
             state = _train(Run(setup, mesh, abstract, shardings, ckpt, writer, workdir))
             ckpt.wait()  # the last save is committed before the run reports success
             return state
+        except Exception as e:
+            if distributed.as_lost_peer(e, "train", workdir):  # modes.run reports it
+                ckpt.abandon()  # a save in flight would wait for the lost process
+            raise
         finally:
             ckpt.close()
             writer.flush()
@@ -124,14 +139,14 @@ def _restore_or_create(run: Run) -> TrainState:
     """The newest valid checkpoint's state, or (a new run) the initial one, after writing
     the run's hyperparameters and the plot of its routing tables."""
     setup, workdir = run.setup, run.workdir
-    if run.ckpt.latest_step() is not None:
+    if run.ckpt.agreed_steps():
         state, step = run.ckpt.restore(checkpoint.restore_target(run.abstract, run.shardings))
         logging.info("Resuming from %s at step %d", workdir, step)
         return state
     if aside := run.ckpt.set_aside():  # a run whose every checkpoint failed: never restart
         raise CheckpointError(
             f"{workdir} holds no valid checkpoint, only damaged ones set aside "
-            f"({', '.join(p.name for p in aside)}): a new run there would start from step 0. "
+            f"({', '.join(aside)}): a new run there would start from step 0. "
             "Inspect them, then delete them to start over, or use another --workdir"
         )
     run.writer.write_hparams(config_lib.flat_fields(setup.config))

@@ -55,6 +55,7 @@ LAYERS = [
             "dtr_jax.sharding",
             "dtr_jax.npz",
             "dtr_jax.checkpoint",
+            "dtr_jax.distributed",
             "dtr_jax.lock",
             "dtr_jax.plots",
             "dtr_jax.interop",

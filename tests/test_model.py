@@ -28,7 +28,6 @@ CFG = dict(
     input_size=16, in_channels=4, patch_size=2, hidden_size=64, depth=3, num_heads=4, num_classes=10
 )
 B = 4
-ERRORS = {}  # max abs errors achieved, printed at the end (pytest -s)
 
 
 def small_dit(**kw):
@@ -38,11 +37,10 @@ def small_dit(**kw):
 
 
 def check_close(name, got, want, tol=1e-5):
-    """max |got - want| <= tol * max(1, max |want|); records the error achieved."""
+    """max |got - want| <= tol * max(1, max |want|); returns the error achieved."""
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     assert got.shape == want.shape, (got.shape, want.shape)
     err, scale = float(np.max(np.abs(got - want))), float(np.max(np.abs(want)))
-    ERRORS[name] = (err, scale)
     assert err <= tol * max(1.0, scale), f"{name}: max abs err {err:.3g} (output scale {scale:.3g})"
     return err
 
@@ -439,9 +437,3 @@ def test_unknown_model_name_raises(name):
 def test_how_the_model_computes_is_validated(kwargs, message):
     with pytest.raises(ValueError, match=message):
         create_dit("DiT-S/2", **kwargs)
-
-
-def test_report_errors():
-    """Prints the max abs errors achieved by the tests above (run with -s)."""
-    for name, (err, scale) in sorted(ERRORS.items()):
-        print(f"  {name:24s} max abs err {err:.3e}  (output scale {scale:.3g})")
