@@ -29,6 +29,9 @@ declare -A CPU=(
   [digits_train]="benchmarks.train_step --config configs/digits.py --torch eager,compiled --steps 20 --rounds 5"
   [s2_train]="benchmarks.train_step --config configs/dit_s.py --batch 8 --steps 3 --rounds 8 --torch eager,compiled"
   [digits_sample]="benchmarks.sample --config configs/digits.py --batch 64 --kinds none,dtr --torch eager,compiled"
+  # every fixed-step sampler of each objective at 25 steps (Heun: 50 model calls)
+  [digits_samplers]="benchmarks.sample --config configs/digits.py --batch 64 --kinds dtr --samplers ddpm,ddim,dpmpp_2m --num-steps 25"
+  [digits_flow_samplers]="benchmarks.sample --config configs/digits_flow.py --batch 64 --kinds dtr --samplers euler,heun,euler_maruyama --num-steps 25"
   [xl_compile]="benchmarks.train_step --config configs/dit_xl.py --batch 2 --kinds dtr ${BF16[*]} --vary model.scan_blocks=false,true --compile-only"
   [extract]="benchmarks.extract --batch 2"
   [cost]="benchmarks.train_step --config configs/dit_s.py --batch 4 --kinds dtr --vary model.name=DiT-S/2,DiT-B/2,DiT-L/2 --steps 1 --rounds 3"

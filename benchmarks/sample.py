@@ -1,17 +1,24 @@
-"""Sampling speed: 250-step DDPM with classifier-free guidance, images/s, routing kinds
-side by side, optionally against the PyTorch sampler of the same model.
+"""Sampling speed: 250-step DDPM (or any `sample.sampler` of the config's objective) with
+classifier-free guidance, images/s, routing kinds and samplers side by side, optionally
+against the PyTorch DDPM sampler of the same model.
 
   python -m benchmarks.sample --config configs/digits.py --batch 64
+  python -m benchmarks.sample --config configs/digits.py --samplers ddpm,ddim,dpmpp_2m \\
+      --num-steps 25
+  python -m benchmarks.sample --config configs/digits_flow.py --samplers euler,heun \\
+      --num-steps 25
   python -m benchmarks.sample --config configs/dit_xl.py --batch 64 --set model.dtype=bfloat16 \\
       --torch compiled
 
-Each row is `dtr_jax.sample.Sampler`, the sampler `--mode sample` runs: the respaced
-DDPM loop under one jit over the mesh, guidance in one doubled batch, the images
-gathered to the host at the end. Params are a fresh init: the compute does not depend
-on the values. A call is one batch through every step; calls are timed in interleaved
-rounds (medians). `ms/step` is per denoising step; `model TFLOP/s` counts the forward
-passes (2 FLOPs per MAC; guidance doubles the batch); `compile s` is the first call's
-time less a timed call's.
+Each row is `dtr_jax.sample.Sampler`, the sampler `--mode sample` runs: the sampler's
+loop under one jit over the mesh, guidance in one doubled batch, the images gathered to
+the host at the end. Params are a fresh init: the compute of a fixed-step sampler does
+not depend on the values (the adaptive `dopri5`'s does: it is not benchmarked here; the
+quality table of benchmarks/sampler_quality.py counts its calls). A call is one batch
+through every step; calls are timed in interleaved rounds (medians). `ms/step` is per
+step (Heun's has two model calls); `model calls` is per image; `model TFLOP/s` counts
+the forward passes (2 FLOPs per MAC; guidance doubles the batch); `compile s` is the
+first call's time less a timed call's.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from benchmarks.train_step import Row, row_of, variant_text
 from dtr_jax import inference, sharding
 from dtr_jax import sample as sample_lib
 from dtr_jax.config import validate
+from dtr_jax.diffusion import samplers
 
 
 class JaxSampler:
@@ -71,10 +79,15 @@ def no_loss() -> float:
     return float("nan")
 
 
+def model_calls(config) -> int:
+    """Model calls per image of the config's sampler."""
+    return samplers.SAMPLERS.get(config.sample.sampler).calls(config.sample)
+
+
 def forward_passes(config, batch: int) -> int:
-    """Images through the model per call: steps x batch, x2 with guidance."""
+    """Images through the model per call: model calls x batch, x2 with guidance."""
     guided = config.sample.cfg_scale != 1.0 and config.model.num_classes > 1
-    return config.sample.num_steps * batch * (2 if guided else 1)
+    return model_calls(config) * batch * (2 if guided else 1)
 
 
 def jax_row(config, kind: str, mesh, variant: dict, batch: int) -> Row:
@@ -123,7 +136,7 @@ def report(rows: list[Row], times: dict, ceiling: float | None, batch: int) -> s
     columns = [
         "framework", "variant", "mesh (data x fsdp)", "routing", "images/call", "steps",
         "guidance", "dtype", "s/call (median)", "ms/step", "images/s", "images/s/device",
-        "model TFLOP/s", "MFU", "memory MiB", "compile s",
+        "model TFLOP/s", "MFU", "memory MiB", "compile s", "sampler", "model calls",
     ]  # fmt: skip
     out, goals = [], []
     for i, row in enumerate(rows):
@@ -137,7 +150,7 @@ def report(rows: list[Row], times: dict, ceiling: float | None, batch: int) -> s
             common.fmt(med / s.num_steps * 1e3, 2), common.fmt(b / med, 2),
             common.fmt(b / med / row.devices, 2), common.fmt(flops / 1e12, 3),
             "-" if mfu is None else f"{100 * mfu:.1f}%", common.fmt(row.memory_mib),
-            common.fmt(row.compile_seconds),
+            common.fmt(row.compile_seconds), s.sampler, model_calls(row.config),
         ))  # fmt: skip
         if row.framework.startswith("torch") and row.kind == "dtr" and common.accelerator():
             for j, other in enumerate(rows):
@@ -158,23 +171,39 @@ def main(argv=None):
     common.add_row_options(parser, kinds="none,dtr", meshes_example="8x1,4x2")
     parser.add_argument("--batch", type=int, default=8, help="images per call (global)")
     parser.add_argument("--num-steps", type=int, default=250)
+    parser.add_argument(
+        "--samplers",
+        default="ddpm",
+        help="rows per sample.sampler of the config's objective (e.g. ddpm,ddim,dpmpp_2m or "
+        "euler,heun,euler_maruyama); PyTorch rows are the ddpm sampler's",
+    )
     parser.add_argument("--cfg-scale", type=float, default=None, help="default: the config's")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
     if args.torch:
         common.share_device_with_torch()
     overrides = common.parse_assignments(args.set)
-    overrides |= {"sample.sampler": "ddpm", "sample.num_steps": str(args.num_steps)}
+    overrides |= {"sample.num_steps": str(args.num_steps)}
     if args.cfg_scale is not None:
         overrides["sample.cfg_scale"] = str(args.cfg_scale)
+    names = args.samplers.split(",")
+    if "dopri5" in names:
+        parser.error("dopri5 is adaptive: its cost depends on trained params, not a fresh init")
     rows = []
     for mesh in common.parse_meshes(args.meshes, jax.device_count()):
         for variant in common.variants(args.vary):
-            config = common.config_with(args.config, overrides | variant)
-            rows += [jax_row(config, k, mesh, variant, args.batch) for k in args.kinds.split(",")]
+            for name in names:
+                config = common.config_with(
+                    args.config, overrides | variant | {"sample.sampler": name}
+                )
+                kinds = args.kinds.split(",")
+                rows += [jax_row(config, k, mesh, variant, args.batch) for k in kinds]
     config = common.config_with(args.config, overrides)
     if args.torch:
-        rows += torch_rows(config, args.torch_kinds.split(","), args.torch.split(","), args.batch)
+        if config.diffusion.objective != "ddpm":
+            parser.error("the PyTorch rows are the ddpm sampler's: use a ddpm config")
+        ddpm = common.config_with(args.config, overrides | {"sample.sampler": "ddpm"})
+        rows += torch_rows(ddpm, args.torch_kinds.split(","), args.torch.split(","), args.batch)
     size = default_size() if args.ceiling is None else args.ceiling
     ceiling = matmul_tflops(size, config.model.dtype) if size else None
     times = common.time_interleaved({i: r.run for i, r in enumerate(rows)}, args.rounds, 1)

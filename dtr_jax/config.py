@@ -129,10 +129,29 @@ def default_config() -> ml_collections.ConfigDict:
     # buffers (e.g. init_from) or an export's model.safetensors
     c.model.routing.path = ""
     c.model.routing.head = True  # U-Net: its output head's GroupNorm is routed too
+    # T, the rows of the tables (tasks). None: the objective's: ddpm has one task per
+    # timestep (diffusion.num_timesteps, the only value it takes); flow 1000, its noise
+    # level in [0, 1] picking row round(level * (T - 1)) (README: Flow matching)
+    c.model.routing.num_tasks = config_dict.placeholder(int)
 
     c.diffusion = ml_collections.ConfigDict()
+    c.diffusion.objective = "ddpm"  # 'ddpm' (ADM's Gaussian diffusion) or 'flow' (SiT's)
+    # ddpm: the beta schedule ('linear', 'cosine') and its T
     c.diffusion.schedule = "linear"
     c.diffusion.num_timesteps = 1000
+    # flow: SiT's path ('linear', 'gvp', 'vp') and what the model predicts ('velocity',
+    # 'noise', 'score'); these two are part of what the params mean
+    c.diffusion.path = "linear"
+    c.diffusion.prediction = "velocity"
+    # flow, training only: SiT's loss weight of noise and score predictions ('none',
+    # 'velocity', 'likelihood'); the times drawn: 'uniform' (SiT) or 'logit_normal' (SD3,
+    # LightningDiT: the noise level is sigmoid(N(mean, std))); how far training times keep
+    # from the path's ends (None: SiT's default, 0 for velocity on linear and gvp)
+    c.diffusion.loss_weight = "none"
+    c.diffusion.time_sampling = "uniform"
+    c.diffusion.logit_normal_mean = 0.0
+    c.diffusion.logit_normal_std = 1.0
+    c.diffusion.train_eps = config_dict.placeholder(float)
 
     c.weighting = ml_collections.ConfigDict()
     c.weighting.kind = "constant"
@@ -192,11 +211,29 @@ def default_config() -> ml_collections.ConfigDict:
     c.distributed.initialization_timeout_secs = 300  # how long the processes wait for all to join
 
     c.sample = ml_collections.ConfigDict()
+    # ddpm models: 'ddpm', 'ddim', 'dpmpp_2m' (DPM-Solver++(2M)); flow models: 'euler',
+    # 'heun', 'dopri5' (adaptive), 'euler_maruyama' (SiT's SDE)
     c.sample.sampler = "ddpm"
-    c.sample.num_steps = 250  # respaced steps
+    # steps (respaced for ddpm, ddim); one model call each, heun's two; dopri5: at most
+    c.sample.num_steps = 250
     c.sample.ddim_eta = 0.0
     c.sample.cfg_scale = 1.5
-    c.sample.clip_denoised = False
+    # guidance only at noise levels in [low, high] (0: data, 1: noise), as REPA and
+    # LightningDiT; elsewhere the conditional model alone
+    c.sample.guidance_low = 0.0
+    c.sample.guidance_high = 1.0
+    c.sample.clip_denoised = False  # ddpm samplers: clip the data prediction to [-1, 1]
+    # flow samplers: how far from the path's ends they integrate (None: SiT's default)
+    c.sample.sample_eps = config_dict.placeholder(float)
+    c.sample.atol = 1e-6  # dopri5's tolerances (SiT's defaults)
+    c.sample.rtol = 1e-3
+    # euler_maruyama: SiT's diffusion coefficient ('sigma', 'constant', 'sbdm', 'linear',
+    # 'decreasing', 'increasing_decreasing') and its scale, its last step ('mean',
+    # 'tweedie', 'euler' or 'none') and the last step's size
+    c.sample.sde_diffusion = "sigma"
+    c.sample.sde_diffusion_norm = 1.0
+    c.sample.sde_last_step = "mean"
+    c.sample.sde_last_step_size = 0.04
     c.sample.use_ema = True
     c.sample.num_samples = 50_000
     c.sample.batch_size = 256  # global
@@ -303,7 +340,7 @@ def model_spec(config) -> dict:
     Tables of kind 'file' are named by a hash of their content (the file may move; other
     tables are another model); `inference.from_config` reads them.
     """
-    r, d = config.model.routing, config.diffusion
+    r = config.model.routing
     if r.kind == routing.FILE:  # the file's tables, named by their content
         tables = dict(kind=routing.FILE, sha256=interop.tables_digest(interop.read_tables(r.path)))
     else:  # the kind and what its tables depend on
@@ -312,7 +349,7 @@ def model_spec(config) -> dict:
     return dict(
         model=_model_fields(config.model, routed=r.kind != "none"),
         routing=tables,
-        diffusion=dict(schedule=str(d.schedule), num_timesteps=int(d.num_timesteps)),
+        diffusion=diffusion.spec(config.diffusion, r.num_tasks),
     )
 
 
@@ -391,9 +428,10 @@ def validate(config, num_devices: int, mode: str = "train") -> None:
         routing.problems(r.kind, r.beta, r.alpha, channels) + _family_routing_problems(m),
     )
     d = c.diffusion
-    found += _named("diffusion", c, diffusion.problems(d.schedule, d.num_timesteps))
+    found += _named("diffusion", c, diffusion.problems(d))
+    found += _named("model.routing", c, diffusion.num_tasks_problems(r.num_tasks, d))
     if r.kind == routing.FILE and not found:
-        depth, T = model_architecture(m)["depth"], d.num_timesteps
+        depth, T = model_architecture(m)["depth"], diffusion.num_tasks(d, r.num_tasks)
         found += _named(
             "model.routing", c, interop.tables_problems("path", r.path, depth, T, channels)
         )
@@ -463,7 +501,7 @@ def _init_from_problems(c, mode: str) -> list[str]:
     except (OSError, ValueError) as e:
         return [f"{name} {e}"]
     model = build_model(c.model)
-    T = c.diffusion.num_timesteps
+    T = diffusion.num_tasks(c.diffusion, c.model.routing.num_tasks)
     found = [f"{name} {p}" for p in ckpt.problems(model, T, optimizer=mode == "train")]
     if found:
         return found
@@ -482,7 +520,8 @@ def _init_from_problems(c, mode: str) -> list[str]:
 def _routing_match_problems(c, theirs) -> list[str]:
     """The routing tables of `init_from` (`theirs`) must be those the config builds; if
     not, the problem gives the overrides that make them so."""
-    r, arch, T = c.model.routing, model_architecture(c.model), c.diffusion.num_timesteps
+    r, arch = c.model.routing, model_architecture(c.model)
+    T = diffusion.num_tasks(c.diffusion, r.num_tasks)
     depth, channels = arch["depth"], arch["hidden_size"]
     if r.kind == routing.FILE:
         ours = interop.read_tables(r.path)
@@ -510,9 +549,7 @@ def _routing_match_problems(c, theirs) -> list[str]:
 
 def _sampling_problems(c) -> list[str]:
     s = c.sample
-    found = diffusion.sampling_problems(
-        s.sampler, s.num_steps, s.ddim_eta, c.diffusion.num_timesteps
-    )
+    found = diffusion.samplers.problems(s, c.diffusion.objective, c.diffusion.num_timesteps)
     found += decoders.DECODERS.problems(s.decoder)
     if s.cfg_scale < 1.0:
         found.append(f"cfg_scale={s.cfg_scale!r} must be >= 1 (1 = no guidance)")
@@ -561,20 +598,7 @@ def _training_problems(c, num_devices: int) -> list[str]:
         "global_batch_size", c.global_batch_size, c.mesh.data, c.mesh.fsdp, num_devices
     )
     found += _named("optimizer", c, optimizer.problems(c.optimizer))
-    w = c.weighting
-    found += _named(
-        "weighting",
-        c,
-        weighting.problems(
-            w.kind,
-            gamma=w.gamma,
-            k=w.k,
-            num_clusters=w.num_clusters,
-            clustering=w.clustering,
-            global_batch_size=c.global_batch_size,
-            num_timesteps=c.diffusion.num_timesteps,
-        ),
-    )
+    found += _weighting_problems(c)
     k = c.checkpoint
     found += _named(
         "checkpoint",
@@ -582,6 +606,25 @@ def _training_problems(c, num_devices: int) -> list[str]:
         checkpoint.problems(k.max_to_keep) + lock.problems(k.lock_lease_secs),
     )
     return found
+
+
+def _weighting_problems(c) -> list[str]:
+    """The weighting section; with the flow objective, only the weightings it defines."""
+    w, d = c.weighting, c.diffusion
+    if diffusion.problems(d) or diffusion.num_tasks_problems(c.model.routing.num_tasks, d):
+        return []  # reported with the diffusion and routing sections
+    found = weighting.problems(
+        w.kind,
+        gamma=w.gamma,
+        k=w.k,
+        num_clusters=w.num_clusters,
+        clustering=w.clustering,
+        global_batch_size=c.global_batch_size,
+        num_timesteps=diffusion.num_tasks(d, c.model.routing.num_tasks),
+    )
+    if d.objective == "flow":
+        found += diffusion.flow.weighting_problems(w.kind, w.clustering, d.time_sampling)
+    return _named("weighting", c, found)
 
 
 def _data_problems(c) -> list[str]:

@@ -3,7 +3,7 @@
 An export is a directory: three files that together rebuild the model with no workdir
 and no training config, and the same params for PyTorch code:
 
-  model.json         what to build: architecture, routing, diffusion, sampling defaults
+  model.json         what to build: architecture, routing, objective, sampling defaults
   model.safetensors  the params, flat keys joined by '.' (`blocks_0.attn.qkv.kernel`),
                      float32, plus the uint8 routing tables: a DiT's (G, T, C) as
                      `routing.tables`, a U-Net's (G, T, C) of width C as `routing.tables.C`
@@ -41,8 +41,8 @@ from safetensors import numpy as st_numpy
 
 import dtr_jax
 from dtr_jax import config as config_lib
-from dtr_jax import files, inference, interop, routing, sharding, torch_files
-from dtr_jax.diffusion import GaussianDiffusion, sampling_problems
+from dtr_jax import diffusion, files, inference, interop, routing, sharding, torch_files
+from dtr_jax.diffusion import samplers
 from dtr_jax.errors import ConfigError
 from dtr_jax.models import DiT, UNet, routed_widths
 from dtr_jax.models.dit import unstack_blocks
@@ -74,8 +74,7 @@ def spec_from_config(config, step: int | None = None, use_ema: bool = True) -> d
             num_steps=int(s.num_steps),
             cfg_scale=float(s.cfg_scale),
             sampler=str(s.sampler),
-            ddim_eta=float(s.ddim_eta),
-            clip_denoised=bool(s.clip_denoised),
+            **{f: s[f] for f in samplers.FIELDS},
         ),
         params="ema" if use_ema else "raw",
         step=None if step is None else int(step),
@@ -103,7 +102,7 @@ def _check_params(flat: dict, expected: dict[str, tuple], what: str, where: str)
 def _check_tables(tables, dm: inference.DiffusionModel, spec: dict, what: str):
     """`tables` as uint8, if they are 0/1 routing tables of the spec's model: a DiT's
     (1 or depth, T, C), a U-Net's {C: (1 or sites of width C, T, C)}; else ValueError."""
-    m, num_tasks = spec["model"], spec["diffusion"]["num_timesteps"]
+    m, num_tasks = spec["model"], diffusion.spec_num_tasks(spec["diffusion"])
     if isinstance(dm.model, UNet):
         widths = routed_widths(dm.model)
         counts = {w: widths.count(w) for w in widths}
@@ -127,7 +126,7 @@ def _check_tables(tables, dm: inference.DiffusionModel, spec: dict, what: str):
     if not ok_shape or not np.isin(tables, (0, 1)).all():
         raise ValueError(
             f"{what}: routing tables of shape {tables.shape} must hold 0/1 and have shape "
-            f"(1 or depth={m['depth']}, num_timesteps={num_tasks}, hidden_size={m['hidden_size']})"
+            f"(1 or depth={m['depth']}, num_tasks={num_tasks}, hidden_size={m['hidden_size']})"
         )
     return tables.astype(np.uint8)
 
@@ -278,7 +277,7 @@ def export_mode(config, workdir: str) -> str:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Exported:
-    """A loaded export: the model (DiT or U-Net) with its routing tables and diffusion,
+    """A loaded export: the model (DiT or U-Net) with its routing tables and objective,
     its params (on device) and its spec (model.json)."""
 
     dm: inference.DiffusionModel
@@ -295,14 +294,19 @@ class Exported:
         return self.dm.tables
 
     @property
-    def diffusion(self) -> GaussianDiffusion:
+    def diffusion(self):
+        """The objective (`dtr_jax.diffusion`): a GaussianDiffusion or a FlowMatching."""
         return self.dm.diffusion
 
     def apply(self, x, t, y):
-        """Model output (B, H, W, out_channels) for NHWC x, timesteps t (B,) and labels y (B,)."""
+        """Model output (B, H, W, out_channels) for NHWC x, times t (B,) (the objective's:
+        timesteps, or the flow time, whose routing row it gives the model) and labels y."""
         if "apply" not in self._cache:
+            task = self.diffusion.model_task
             self._cache["apply"] = jax.jit(
-                lambda p, x, t, y, r: self.model.apply({"params": p}, x, t, y, r)
+                lambda p, x, t, y, r: self.model.apply(
+                    {"params": p}, x, t, y, r, **inference._task(task(t))
+                )
             )
         return self._cache["apply"](
             self.params, jnp.asarray(x), jnp.asarray(t), jnp.asarray(y), self._device_tables()
@@ -310,18 +314,17 @@ class Exported:
 
     def sample(self, labels, rng, *, num_steps=None, cfg_scale=None, sampler=None) -> np.ndarray:
         """Images (N, H, W, C) for labels (N,), in the model's input scale; defaults from
-        the spec's sampling section. `rng` is a seed (int) or a jax PRNG key."""
-        s = self.spec["sampling"]
+        the spec's sampling section (settings an older export lacks: `default_config`'s).
+        `rng` is a seed (int) or a jax PRNG key."""
+        s, defaults = self.spec["sampling"], config_lib.default_config().sample
         settings = types.SimpleNamespace(
             num_steps=int(s["num_steps"] if num_steps is None else num_steps),
             cfg_scale=float(s["cfg_scale"] if cfg_scale is None else cfg_scale),
             sampler=sampler or s["sampler"],
-            ddim_eta=s["ddim_eta"],
-            clip_denoised=s["clip_denoised"],
+            **{f: s.get(f, defaults[f]) for f in samplers.FIELDS},
         )
-        found = sampling_problems(
-            settings.sampler, settings.num_steps, settings.ddim_eta, self.diffusion.num_timesteps
-        )
+        objective = diffusion.objective_of(self.spec["diffusion"])
+        found = samplers.problems(settings, objective, self.diffusion.num_tasks)
         if found:
             raise ValueError("; ".join(found))
         key = (settings.num_steps, settings.cfg_scale, settings.sampler)

@@ -17,6 +17,7 @@ from absl import logging
 from dtr_jax import config as config_lib
 from dtr_jax import decoders, files, inference, models, npz, sharding
 from dtr_jax.config import parse_labels
+from dtr_jax.diffusion import samplers
 
 
 class Sampler:
@@ -115,8 +116,9 @@ def labels_for(s, num_classes: int, n: int) -> np.ndarray:
 
 def run_settings(config, step: int, num_samples: int) -> dict:
     """Everything (JSON types) that determines the samples of a run besides the workdir:
-    the params read (EMA or raw, at checkpoint `step`, or of `init_from`), the sampler,
-    the labels and the batches (batch i is drawn with rng fold_in(seed, i)), the decoder."""
+    the params read (EMA or raw, at checkpoint `step`, or of `init_from`), the sampler
+    and what it reads (`samplers.settings`), the labels and the batches (batch i is drawn
+    with rng fold_in(seed, i)), the decoder."""
     s = config.sample
     return dict(
         params="ema" if s.use_ema else "raw",
@@ -134,6 +136,7 @@ def run_settings(config, step: int, num_samples: int) -> dict:
         batch_size=int(s.batch_size),
         decoder=str(s.decoder),
         **decoders.DECODERS.get(s.decoder).settings(config),
+        **samplers.settings(s),
     )
 
 

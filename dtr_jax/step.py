@@ -1,7 +1,7 @@
 """The training step: the train state, what the config fixes, and the jitted sharded step.
 
 `create_setup(config)` gathers what the step computes with (model, routing tables,
-diffusion, optimizers, timestep clusters); `create_state` initialises the state
+objective, optimizers, timestep clusters); `create_state` initialises the state
 straight into its shardings (or imports it from `init_from`, a PyTorch file);
 `jit_train_step` is one `jax.jit` over a
 (data, fsdp) mesh with the state donated. Needs jax, flax, optax and the config:
@@ -41,12 +41,12 @@ class TrainSetup:
     """What the step computes with, fixed by the config (no arrays on device)."""
 
     config: ml_collections.ConfigDict
-    dm: inference.DiffusionModel  # the DiT, its routing tables, its diffusion
+    dm: inference.DiffusionModel  # the DiT, its routing tables, its objective
     tx: optax.GradientTransformation
     learning_rate: optax.Schedule
     uw_tx: optax.GradientTransformation
-    snr: np.ndarray  # SNR(t) per timestep
-    boundaries: np.ndarray  # timestep clusters: UW's, and the loss-per-cluster bins
+    snr: np.ndarray  # SNR per task (ddpm: per timestep)
+    boundaries: np.ndarray  # task clusters: UW's, and the loss-per-cluster bins
 
     @property
     def uses_uw(self) -> bool:
@@ -56,15 +56,15 @@ class TrainSetup:
 def create_setup(config) -> TrainSetup:
     dm = inference.from_config(config)
     tx, lr = optimizer.create(config.optimizer)
-    w, abar = config.weighting, dm.diffusion.alphas_cumprod
+    w, objective = config.weighting, dm.diffusion
     return TrainSetup(
         config=config,
         dm=dm,
         tx=tx,
         learning_rate=lr,
         uw_tx=weighting.uw_optimizer(w.uw_learning_rate),
-        snr=weighting.snr(abar),
-        boundaries=weighting.cluster_boundaries(w.clustering, abar, w.num_clusters),
+        snr=objective.snr_table(),
+        boundaries=objective.cluster_boundaries(w.clustering, w.num_clusters),
     )
 
 
@@ -170,31 +170,35 @@ def model_inputs(batch: dict, num_classes: int, rng: jax.Array):
 def train_step(setup: TrainSetup, state: TrainState, batch: dict, tables):
     """One optimiser step on a global batch: (new state, metrics kept on device).
 
-    The timesteps, the noise, the label dropout and the latent draws of step k depend
-    only on (seed, k), so a resumed run repeats an uninterrupted one exactly.
+    The times (timesteps), the noise, the label dropout and the latent draws of step k
+    depend only on (seed, k), so a resumed run repeats an uninterrupted one exactly. The
+    objective computes the loss terms; the weighting sees its task rows.
     """
-    cfg, dm = setup.config, setup.dm
+    cfg, dm, objective = setup.config, setup.dm, setup.dm.diffusion
     rng = jax.random.fold_in(jax.random.key(cfg.seed), state.step)
     t_rng, noise_rng, drop_rng = jax.random.split(rng, 3)
     latent_rng = jax.random.fold_in(rng, LATENT_STREAM)  # t, noise and dropout stay as they were
     x0, y = model_inputs(batch, dm.model.num_classes, latent_rng)
     stratified = setup.boundaries if setup.uses_uw else None
-    t = weighting.sample_timesteps(t_rng, x0.shape[0], dm.diffusion.num_timesteps, stratified)
+    t = objective.sample_times(t_rng, x0.shape[0], stratified)
     noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
     w = cfg.weighting
 
     def loss_fn(params, log_vars):
-        def model_fn(x_t, t_model):
+        def model_fn(x_t, t_model, task=None):
             variables = {"params": params}
             rngs = {"dropout": drop_rng}
-            return dm.model.apply(variables, x_t, t_model, y, tables, train=True, rngs=rngs)
+            routed = {} if task is None else {"task": task}
+            return dm.model.apply(
+                variables, x_t, t_model, y, tables, train=True, rngs=rngs, **routed
+            )
 
-        terms = dm.diffusion.training_losses(model_fn, x0, t, noise)
+        terms = objective.training_losses(model_fn, x0, t, noise)
         loss, aux = weighting.combine(
             w.kind,
             terms["mse"],
             terms["vb"],
-            t,
+            objective.task_rows(t),
             setup.snr,
             gamma=w.gamma,
             k=w.k,

@@ -1,6 +1,9 @@
 """The routing study on the digits default: none vs random vs dtr, several seeds.
 
   python -m dtr_jax.study --config configs/digits.py --workdir workdirs/study
+  python -m dtr_jax.study --config configs/digits_flow.py --workdir workdirs/study_flow
+
+The config's objective (DDPM, or flow matching) trains every run; its sampler scores it.
 
 Trains one run per (routing kind, seed) at equal steps, evaluates each with the offline
 digits metrics (fresh EMA samples, with and without guidance) and writes
@@ -17,7 +20,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dtr_jax import evaluate, files, modes, train
+from dtr_jax import diffusion, evaluate, files, modes, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Base config (the digits default).")
@@ -68,6 +71,18 @@ def table(results: dict, kinds, cfg_scales, seeds) -> str:
     return "\n".join(lines) + "\n"
 
 
+def describe(config) -> str:
+    """The objective the runs train with and the sampler that scores them, in a line."""
+    d, s = config.diffusion, config.sample
+    if d.objective == "ddpm":
+        objective = f"ddpm ({d.schedule} schedule, T = {d.num_timesteps})"
+    else:
+        objective = f"flow ({d.path} path, {d.prediction} prediction)"
+    calls = diffusion.samplers.SAMPLERS.get(s.sampler).calls(s)
+    steps = f"{s.num_steps} steps ({calls} model calls)" if calls else "adaptive steps"
+    return f"objective {objective}; samples: {s.sampler}, {steps}"
+
+
 def main(argv):
     del argv
     with modes.reporting():
@@ -88,7 +103,7 @@ def study(config, workdir: str, kinds, seeds, scales) -> str:
         for seed in seeds:
             results[f"{kind}_seed{seed}"] = run_one(config, workdir, kind, seed, scales)
             logging.info("%s seed %d: %s", kind, seed, results[f"{kind}_seed{seed}"])
-    markdown = table(results, kinds, scales, seeds)
+    markdown = f"{describe(config)}\n\n{table(results, kinds, scales, seeds)}"
     text = json.dumps(results, indent=2, sort_keys=True)
     files.write_atomically(os.path.join(workdir, "results.json"), text.encode())
     files.write_atomically(os.path.join(workdir, "results.md"), markdown.encode())

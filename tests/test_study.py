@@ -6,7 +6,8 @@ import numpy as np
 
 from dtr_jax import study
 from dtr_jax.checkpoint import Checkpoints
-from helpers import tiny
+from dtr_jax.config import load_config
+from helpers import ROOT, tiny
 
 
 def test_study_runs_evaluates_tabulates_and_skips_finished_runs(tmp_path):
@@ -34,3 +35,11 @@ def test_study_runs_evaluates_tabulates_and_skips_finished_runs(tmp_path):
     marker = {"cfg1": {"digits_accuracy": -1.0, "digits_fd": -1.0}}
     (tmp_path / "none_seed0" / "study.json").write_text(json.dumps(marker))
     assert study.run_one(config, str(tmp_path), "none", 0, [1.0]) == marker
+
+
+def test_the_study_names_its_objective_and_sampler():
+    flow = load_config(str(ROOT / "configs" / "digits_flow.py"), **{"sample.num_steps": 4})
+    assert study.describe(flow) == (
+        "objective flow (linear path, velocity prediction); samples: heun, 4 steps (8 model calls)"
+    )
+    assert study.describe(tiny()).startswith("objective ddpm (linear schedule, T = 1000)")

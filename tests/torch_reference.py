@@ -147,3 +147,18 @@ class TDiT(tnn.Module):
         g, p, oc = int(x.shape[1] ** 0.5), self.p, self.out_channels
         x = torch.einsum("nhwpqc->nchpwq", x.reshape(x.shape[0], g, g, p, p, oc))
         return x.reshape(x.shape[0], oc, g * p, g * p)
+
+
+class TSiT(TDiT):
+    """SiT's model (willisma/SiT models.py): the DiT layout and weights, its time t in
+    [0, 1] (1: data) fed to the timestep embedder as it is, and the second (learned-sigma)
+    half of the output dropped. `guided` is its `forward_with_cfg` with guidance on all
+    channels (SiT's commented-out "standard approach"; its default guides 3 of 4)."""
+
+    def forward(self, x, t, y, tables=None):
+        return super().forward(x, t, y, tables)[:, : self.out_channels // 2]
+
+    def guided(self, x, t, y, cfg_scale, null):
+        both = self.forward(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
+        cond, uncond = both.chunk(2)
+        return uncond + cfg_scale * (cond - uncond)

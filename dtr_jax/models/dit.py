@@ -8,7 +8,8 @@ to are chosen by the rules in `dtr_jax.sharding`, never here.
 
 Routing tables are not parameters: they are passed to `__call__` as a
 (G, T, C) array (G = 1 shared, or G = depth for one table per block) and
-gathered once per forward by the per-sample timestep.
+gathered once per forward by the per-sample task (the timestep unless the
+objective names another row: `task`).
 """
 
 from __future__ import annotations
@@ -213,7 +214,8 @@ class PatchEmbed(nn.Module):
 
 
 class DiT(nn.Module):
-    """DiT over NHWC inputs; __call__(x, t, y, routing) -> (B, H, W, out_channels) fp32.
+    """DiT over NHWC inputs; __call__(x, t, y, routing, train, task) -> (B, H, W,
+    out_channels) fp32.
 
     Attributes:
       input_size: spatial size H = W of the input (pixels or latents).
@@ -257,9 +259,11 @@ class DiT(nn.Module):
         return x, t, t
 
     @nn.compact
-    def __call__(self, x, t, y, routing=None, train: bool = False):
-        """Args: x (B,H,W,C); t (B,) int timesteps in [0, T); y (B,) int labels;
-        routing: None or a (G, T, hidden_size) 0/1 table (G = 1 or depth)."""
+    def __call__(self, x, t, y, routing=None, train: bool = False, task=None):
+        """Args: x (B,H,W,C); t (B,) the time the timestep embedder sees (int timesteps
+        in [0, T) for DDPM, a float for flow models); y (B,) int labels; routing: None or
+        a (G, T, hidden_size) 0/1 table (G = 1 or depth); task: (B,) int rows of the
+        table, t where None (the objective says which: `dtr_jax.diffusion`)."""
         grid = self.input_size // self.patch_size
         x = PatchEmbed(self.patch_size, self.hidden_size, self.dtype, name="x_embedder")(x)
         pos = sincos_pos_embed(self.hidden_size, grid)
@@ -273,7 +277,8 @@ class DiT(nn.Module):
             self.dtype,
             name="y_embedder",
         )(y, train)
-        masks = None if routing is None else self._gather_masks(routing, t)
+        rows = t if task is None else task
+        masks = None if routing is None else self._gather_masks(routing, rows)
         x = self._blocks(x, c, masks)
         x = FinalLayer(self.patch_size, self.out_channels, self.dtype, name="final_layer")(x, c)
         return self._unpatchify(x).astype(jnp.float32)
@@ -312,8 +317,8 @@ class DiT(nn.Module):
         x, _ = scan(block_cls(*args, name="blocks"), x, c, masks)
         return x
 
-    def _gather_masks(self, routing, t):
-        """(G, T, C) table -> (G, B, 1, C) masks in the compute dtype."""
+    def _gather_masks(self, routing, task):
+        """(G, T, C) table -> (G, B, 1, C) masks (rows `task`) in the compute dtype."""
         if (
             routing.ndim != 3
             or routing.shape[0] not in (1, self.depth)
@@ -323,7 +328,7 @@ class DiT(nn.Module):
                 f"routing table has shape {routing.shape}: expected "
                 f"(1 or depth={self.depth}, T, hidden_size={self.hidden_size})"
             )
-        return jnp.asarray(routing)[:, t][:, :, None, :].astype(self.dtype)
+        return jnp.asarray(routing)[:, task][:, :, None, :].astype(self.dtype)
 
     def _unpatchify(self, x):
         """(B, N, p*p*c) -> (B, H, W, c), patch channels ordered (p, q, c) as in PyTorch."""
@@ -332,15 +337,21 @@ class DiT(nn.Module):
         x = x.reshape(x.shape[0], g, g, p, p, c)
         return x.transpose(0, 1, 3, 2, 4, 5).reshape(x.shape[0], g * p, g * p, c)
 
-    def guided(self, x, t, y, routing=None, *, cfg_scale):
+    def guided(self, x, t, y, routing=None, *, cfg_scale, task=None):
         """Classifier-free guidance in one batch of conditional + null-label halves.
 
         eps = eps_u + s * (eps_c - eps_u) on all input channels (DTR release);
         the variance channels are taken from the conditional half as they are.
+        `cfg_scale` may be an array broadcasting against the output (a scale per sample).
         """
         null = jnp.full_like(y, self.num_classes)
+        both = None if task is None else jnp.concatenate([task, task])
         out = self(
-            jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([y, null]), routing
+            jnp.concatenate([x, x]),
+            jnp.concatenate([t, t]),
+            jnp.concatenate([y, null]),
+            routing,
+            task=both,
         )
         cond, uncond = jnp.split(out, 2, axis=0)
         c = self.in_channels

@@ -1,4 +1,4 @@
-"""Gaussian diffusion with ADM / DiT conventions (SPEC §4), pure JAX.
+"""The `ddpm` objective: Gaussian diffusion with ADM / DiT conventions (SPEC §4), pure JAX.
 
 Port of OpenAI improved/guided-diffusion `gaussian_diffusion.py` + `respace.py`
 as used by DiT: eps prediction, learned-range variance, hybrid loss (MSE + VB with
@@ -10,6 +10,9 @@ Schedule constants are float64 numpy arrays computed once; they are gathered per
 sample as float32 (the dtype of x) inside jitted code. A respaced process indexes its
 arrays by the respaced step i but calls the model with the ORIGINAL timestep
 `timestep_map[i]` (SPEC §2).
+
+As an objective (`dtr_jax.diffusion.OBJECTIVES`), the task of timestep t is t itself: the
+model gathers row t of the routing tables, its noise level is t / (T - 1).
 """
 
 from __future__ import annotations
@@ -22,11 +25,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dtr_jax import weighting
 from dtr_jax.errors import choice_problems, integer_problems
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 SCHEDULES = ("linear", "cosine")
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim")  # the loops of `GaussianDiffusion.sample`
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -88,18 +92,6 @@ def problems(schedule: str, num_timesteps: int) -> list[str]:
     return choice_problems("schedule", schedule, SCHEDULES) + integer_problems(
         "num_timesteps", num_timesteps
     )
-
-
-def sampling_problems(
-    sampler: str, num_steps: int, ddim_eta: float, num_timesteps: int
-) -> list[str]:
-    """Problems with the sampler settings of a process of `num_timesteps` steps."""
-    out = choice_problems("sampler", sampler, SAMPLERS) + integer_problems("num_steps", num_steps)
-    if isinstance(num_steps, int) and isinstance(num_timesteps, int) and num_steps > num_timesteps:
-        out.append(f"num_steps={num_steps} exceeds the {num_timesteps} diffusion timesteps")
-    if not ddim_eta >= 0.0:
-        out.append(f"ddim_eta={ddim_eta!r} must be >= 0")
-    return out
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -238,6 +230,43 @@ class GaussianDiffusion:
     @property
     def num_timesteps(self) -> int:
         return len(self.betas)
+
+    # ---------------------------------------------------------------- as an objective
+    # What training and the samplers ask of every objective (`dtr_jax.diffusion`), for
+    # the unrespaced process that trains the model (its timesteps are the original ones).
+
+    name = "ddpm"
+
+    @property
+    def num_tasks(self) -> int:
+        """T, the rows of the routing tables: one per timestep."""
+        return self.num_timesteps
+
+    def noise_level(self, t) -> jax.Array:
+        """The noise level in [0, 1] (0: data, 1: noise) of timesteps t: t / (T - 1)."""
+        return jnp.asarray(t, jnp.float32) / max(self.num_tasks - 1, 1)
+
+    def model_task(self, t) -> None:
+        """The routing row the model is told for timesteps t: none, it gathers row t."""
+        del t
+        return None
+
+    def task_rows(self, t) -> jax.Array:
+        """The routing rows (B,) of training timesteps t: t."""
+        return t
+
+    def sample_times(self, rng, batch_size: int, boundaries=None) -> jax.Array:
+        """Training timesteps (B,) int32: uniform, or stratified over the clusters of
+        `boundaries` (UW)."""
+        return weighting.sample_timesteps(rng, batch_size, self.num_timesteps, boundaries)
+
+    def snr_table(self) -> np.ndarray:
+        """SNR(t) per timestep (what min_snr and p2 weight by)."""
+        return weighting.snr(self.alphas_cumprod)
+
+    def cluster_boundaries(self, clustering: str, num_clusters: int) -> np.ndarray:
+        """The timestep clusters of UW and of the loss-per-cluster metrics."""
+        return weighting.cluster_boundaries(clustering, self.alphas_cumprod, num_clusters)
 
     # ---------------------------------------------------------------- forward process
 
