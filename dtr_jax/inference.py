@@ -99,7 +99,9 @@ def from_config(config) -> DiffusionModel:
     return dm
 
 
-def model_fn(model: DiT | UNet, params, labels, tables, cfg_scale: float, interval=samplers.FULL_INTERVAL):
+def model_fn(
+    model: DiT | UNet, params, labels, tables, cfg_scale: float, interval=samplers.FULL_INTERVAL
+):
     """fn(x_t, t, task=None, level=None) for the samplers: the conditional model, guided
     when cfg_scale != 1 (one batch of conditional and null halves). With an `interval`
     [low, high] other than [0, 1], guidance applies only to samples whose noise `level`
