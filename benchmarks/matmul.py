@@ -45,18 +45,18 @@ def torch_matmul(size: int, dtype: str):
     """The same for torch.mm on PyTorch's device (CUDA if it has one)."""
     import torch
 
-    from benchmarks import torch_step
+    from benchmarks import torch_counterpart
 
-    device, tdtype = torch_step.device(), getattr(torch, dtype)
+    device, tdtype = torch_counterpart.device(), getattr(torch, dtype)
     a, b = (torch.randn(size, size, device=device, dtype=tdtype) for _ in range(2))
     torch.mm(a, b)
 
     def run(calls: int) -> float:
-        torch_step.synchronize()
+        torch_counterpart.synchronize()
         start = time.perf_counter()
         for _ in range(calls):
             torch.mm(a, b)
-        torch_step.synchronize()
+        torch_counterpart.synchronize()
         return (time.perf_counter() - start) / calls
 
     return run

@@ -110,13 +110,15 @@ def jax_row(config, kind: str, mesh, variant: dict, batch: int) -> Row:
 
 def torch_rows(config, kinds: list[str], modes: list[str], batch: int) -> list[Row]:
     """PyTorch samplers of the same model, steps and guidance, one per mode and kind."""
-    from benchmarks import torch_step  # only when asked: torch is optional
+    from benchmarks import torch_counterpart  # only when asked: torch is optional
 
     model = inference.from_config(config).model
     rows = []
     for mode in modes:
         for kind in kinds:
-            r = torch_step.SampleRunner(config, kind, compiled=mode == "compiled", batch=batch)
+            r = torch_counterpart.SampleRunner(
+                config, kind, compiled=mode == "compiled", batch=batch
+            )
             rows.append(
                 row_of(
                     f"torch {mode}",

@@ -168,13 +168,13 @@ def row_of(
 
 def torch_rows(config, kinds: list[str], modes: list[str]) -> list[Row]:
     """PyTorch train steps of the same model, batch and dtype, one per mode and kind."""
-    from benchmarks import torch_step  # only when asked: torch is optional
+    from benchmarks import torch_counterpart  # only when asked: torch is optional
 
     model = inference.from_config(config).model  # for the FLOP count
     rows = []
     for mode in modes:
         for kind in kinds:
-            runner = torch_step.TrainRunner(config, kind, compiled=mode == "compiled")
+            runner = torch_counterpart.TrainRunner(config, kind, compiled=mode == "compiled")
             rows.append(
                 row_of(
                     f"torch {mode}",

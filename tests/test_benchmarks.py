@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import common, torch_step
+from benchmarks import common, torch_counterpart
 from dtr_jax import interop
 from dtr_jax.config import load_config, model_spec
 from dtr_jax.diffusion import GaussianDiffusion
@@ -78,7 +78,7 @@ def test_torch_counterpart_computes_dtr_jax_losses_and_sampler_steps():
 
     process = GaussianDiffusion.create("linear", 1000)
     want = process.training_losses(lambda x_t, t_model: jnp.asarray(out), x0, t, noise)
-    diffusion = torch_step.Diffusion(process)
+    diffusion = torch_counterpart.Diffusion(process)
     tt = torch.from_numpy(t)
     x_t = diffusion.q_sample(nchw(x0), tt, nchw(noise))
     np.testing.assert_allclose(x_t.numpy().transpose(0, 2, 3, 1), process.q_sample(x0, t, noise))
@@ -88,7 +88,7 @@ def test_torch_counterpart_computes_dtr_jax_losses_and_sampler_steps():
 
     respaced = process.respaced("10")
     tr = np.arange(b) % 10
-    step = torch_step.Diffusion(respaced)
+    step = torch_counterpart.Diffusion(respaced)
     mean, log_var = step.p_mean_log_variance(
         nchw(out[..., :c]), nchw(out[..., c:]), nchw(noise), torch.from_numpy(tr)
     )
@@ -101,10 +101,10 @@ def test_torch_counterpart_computes_dtr_jax_losses_and_sampler_steps():
 def test_torch_counterpart_is_the_reference_dit_with_fused_attention():
     config = tiny(**{"model.depth": 2})
     torch.manual_seed(0)
-    fused = torch_step.build_model(config, "dtr").eval()
-    plain = torch_step.reference.TDiT(8, 1, 2, 32, 2, 2, 10, tables=None).eval()
+    fused = torch_counterpart.build_model(config, "dtr").eval()
+    plain = torch_counterpart.reference.TDiT(8, 1, 2, 32, 2, 2, 10, tables=None).eval()
     plain.load_state_dict({k: v for k, v in fused.state_dict().items() if "routing" not in k})
-    assert type(fused.blocks[0].attn) is torch_step.FusedAttention
+    assert type(fused.blocks[0].attn) is torch_counterpart.FusedAttention
     tables = torch.stack([b.routing._unit_mapping for b in fused.blocks])
     x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([0, 500, 999]), torch.tensor([1, 2, 10])
     with torch.no_grad():
@@ -117,8 +117,8 @@ def _torch_macs(model, x, t, y):
     """Multiply-adds of one forward of a torch U-Net per image, counted by hooks on its
     convolutions, linear layers and attention products."""
     attention = (
-        torch_step.unet_reference.QKVAttention,
-        torch_step.unet_reference.QKVAttentionLegacy,
+        torch_counterpart.unet_reference.QKVAttention,
+        torch_counterpart.unet_reference.QKVAttentionLegacy,
     )
     macs = []
 
@@ -149,7 +149,7 @@ def test_unet_forward_macs_count_every_layer_and_the_counterpart_is_the_unet(opt
     config = load_config(str(ROOT / "configs" / "digits_unet.py"), **overrides)
     dm = build(model_spec(config))
     torch.manual_seed(0)
-    counterpart = torch_step.build_model(config, "random").eval()
+    counterpart = torch_counterpart.build_model(config, "random").eval()
     x, t, y = torch.randn(1, 1, 8, 8), torch.tensor([500]), torch.tensor([3])
     assert common.forward_macs(dm.model) == _torch_macs(counterpart, x, t, y)
     state = counterpart.state_dict()

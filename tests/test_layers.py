@@ -80,18 +80,37 @@ LAYERS = [
 ]
 LAYER = {module: i for i, (_, modules) in enumerate(LAYERS) for module in modules}
 
+# The benchmarks (one command each) import one way too: shared pieces in `common`, the
+# PyTorch counterpart below the commands that time it.
+BENCHMARKS = ROOT / "benchmarks"
+BENCHMARK_LAYERS = [
+    ["benchmarks.common"],
+    ["benchmarks.torch_counterpart"],
+    ["benchmarks.matmul"],
+    [
+        "benchmarks.train_step",
+        "benchmarks.extract",
+        "benchmarks.tpu_plans",
+        "benchmarks.sampler_quality",
+    ],
+    ["benchmarks.sample"],
+    ["benchmarks.torch_step"],
+]
+BENCHMARK_LAYER = {m: i for i, modules in enumerate(BENCHMARK_LAYERS) for m in modules}
+
 
 def module_name(path: pathlib.Path) -> str:
     parts = path.relative_to(ROOT).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def package_modules() -> dict[str, pathlib.Path]:
-    return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+def package_modules(package: pathlib.Path = PACKAGE) -> dict[str, pathlib.Path]:
+    return {module_name(p): p for p in sorted(package.rglob("*.py"))}
 
 
-def imported(path: pathlib.Path, name: str) -> set[str]:
-    """The dtr_jax modules `path` imports anywhere in its body (absolute or relative)."""
+def imported(path: pathlib.Path, name: str, package_root: pathlib.Path = PACKAGE) -> set[str]:
+    """The modules of `package_root` (dtr_jax) that `path` imports anywhere in its body
+    (absolute or relative)."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
@@ -104,7 +123,7 @@ def imported(path: pathlib.Path, name: str) -> set[str]:
                 base = f"{base}.{node.module}" if node.module else base
             found.add(base)
             found.update(f"{base}.{alias.name}" for alias in node.names)
-    modules = package_modules()
+    modules = package_modules(package_root)
     return {m for m in found if m in modules and m != name}
 
 
@@ -151,6 +170,17 @@ def test_no_import_cycles_even_within_a_layer():
     cycle = import_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
     assert import_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+def test_benchmarks_import_one_way():
+    """No cycle among the benchmarks (lazy imports included), each importing only below it."""
+    modules = package_modules(BENCHMARKS)
+    assert sorted(set(modules) - set(BENCHMARK_LAYER) - {"benchmarks"}) == []
+    graph = {n: imported(p, n, BENCHMARKS) - {"benchmarks"} for n, p in modules.items()}
+    assert import_cycle(graph) is None, "import cycle: " + " -> ".join(import_cycle(graph))
+    for name, targets in graph.items():
+        upward = [m for m in targets if BENCHMARK_LAYER[m] >= BENCHMARK_LAYER.get(name, 0)]
+        assert not upward, f"{name} imports {upward}, of its layer or above"
 
 
 def test_the_checker_sees_lazy_and_relative_imports(tmp_path):
