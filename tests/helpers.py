@@ -53,9 +53,15 @@ def cli_command(workdir, mode="train", script=None, **overrides):
     ]
 
 
+def xla_flags(devices: int = 1) -> str:
+    """XLA_FLAGS of a subprocess: `devices` CPU devices, the suite's compile settings."""
+    count = f"--xla_force_host_platform_device_count={devices} " if devices > 1 else ""
+    return (count + os.environ.get("DTR_TEST_XLA_FLAGS", "")).strip()
+
+
 def cli_env(**extra):
     """The environment of a CLI subprocess: one CPU device (fast start), quiet TF."""
-    return dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", **extra)
+    return dict(os.environ, XLA_FLAGS=xla_flags(), JAX_PLATFORMS="cpu") | extra
 
 
 def read_scalars(workdir, tag):

@@ -22,7 +22,8 @@ import subprocess
 import sys
 
 if __name__ == "__main__":
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    flags = os.environ.get("DTR_TEST_XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count=2 {flags}"
     os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402

@@ -97,7 +97,7 @@ def test_an_unreadable_image_is_named(tmp_path):
     (tmp_path / "photos" / "broken.png").write_bytes(b"not a png")
     source = images.FolderImages(folder, 16)
     with pytest.raises(ConfigError, match="broken.png in data.folder is not a readable image"):
-        source[source.interpolant.index("broken.png")]
+        source[source.paths.index("broken.png")]
 
 
 def _imagenet_config(tmp_path, **overrides):

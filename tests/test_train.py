@@ -1,6 +1,5 @@
 """The training system end to end on tiny configs (8 fake CPU devices)."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from dtr_jax import checkpoint, sharding, step, train
 from dtr_jax import config as config_lib
 from dtr_jax.config import ConfigError, load_config, validate
 from dtr_jax.models import dit
-from helpers import DIGITS, ROOT, read_scalars, tiny
+from helpers import DIGITS, ROOT, cli_env, read_scalars, tiny
 
 
 def leaves(tree):
@@ -276,7 +275,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 def test_sigterm_saves_and_resume_finishes(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    env = cli_env()
     cmd = [
         sys.executable,
         "-m",
