@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import torch_transport as ref
 
+import torch_transport as ref
 from dtr_jax import inference, routing
 from dtr_jax.config import ConfigError, default_config, validate
 from dtr_jax.diffusion import GaussianDiffusion, flow, samplers
