@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 
-from dtr_jax import models, modes
+from dtr_jax import models, modes, tpu
 from dtr_jax.config import load_config, unknown_field_problems
 from dtr_jax.errors import raise_problems
 
@@ -247,6 +247,7 @@ def run_main(main: Callable[[], None]) -> None:
     """Runs a benchmark's `main` as dtr_jax.main runs a mode: an anticipated failure (a
     config field that does not exist or does not fit) is one `dtr_jax: ...` line and its
     exit code, not a traceback."""
+    tpu.cpu_without_accelerators()
     with modes.reporting():
         main()
 

@@ -118,10 +118,12 @@ def setup_process(verbose: bool = False, mode: str = "train", config=None, launc
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     logging.get_absl_handler().addFilter(_LibraryInfoFilter(verbose))
     sys.unraisablehook = _AbandonedReadsFilter(sys.unraisablehook, verbose)
-    if mode == "plan":
-        from dtr_jax import tpu
+    from dtr_jax import tpu
 
+    if mode == "plan":
         tpu.plan_without_tpus()
+    else:
+        tpu.cpu_without_accelerators()
     import jax
 
     settings = distributed.launch_settings(launch or {})

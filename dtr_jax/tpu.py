@@ -239,6 +239,24 @@ def plan_without_tpus() -> None:
         jax.config.update("jax_platforms", "cpu")
 
 
+GPU_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin")
+
+
+def cpu_without_accelerators() -> None:
+    """Where libtpu is installed (the test extra installs it) on a machine with no TPU
+    chips and no GPU plugin, jax ends on the CPU anyway: say so before it starts a
+    backend, so that it does not first start libtpu, which searches for TPU hosts and
+    prints pages of warnings about them. Nothing changes elsewhere, or where
+    JAX_PLATFORMS is set."""
+    import jax
+
+    if jax.config.jax_platforms or not libtpu_installed() or tpu_chips_attached():
+        return
+    if any(importlib.util.find_spec(m) is not None for m in GPU_PLUGINS):
+        return
+    jax.config.update("jax_platforms", "cpu")
+
+
 def compile_only_environment(accelerator_type: str) -> None:
     """The environment libtpu reads when it starts on a machine without TPUs, for a
     compile-only topology: it then skips its search for TPU hosts (and the warnings it

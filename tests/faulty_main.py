@@ -1,4 +1,5 @@
-"""`python -m dtr_jax.main` with a fault injected, for tests/test_faults.py and tests/test_interruptions.py.
+"""`python -m dtr_jax.main` with a fault injected, for tests/test_faults.py and
+tests/test_interruptions.py.
 
 The fault is named by the environment variable DTR_TEST_FAULT (the production code
 knows nothing of it):

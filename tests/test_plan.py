@@ -8,6 +8,7 @@ the CPU and libtpu is loaded for the topology alone.
 
 import re
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -160,3 +161,16 @@ def test_plan_through_the_command_line(tmp_path):
     )
     assert bad.returncode == 2 and "plan.topology='v5e-3'" in bad.stderr
     assert np.isfinite(float(rows[0].split(" | ")[-1].replace(",", "").strip(" |")))
+
+
+def test_a_machine_without_accelerators_never_starts_libtpu(tmp_path):
+    """With libtpu installed (this extra) and no TPU chips, every mode runs on the CPU
+    without libtpu's search for TPU hosts and its pages of warnings."""
+    env = {k: v for k, v in cli_env().items() if k != "JAX_PLATFORMS"}
+    cmd = cli_command(tmp_path, "sample")  # refused: no checkpoint, after jax has started
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 6 and "TPU" not in done.stderr, done.stderr[-3000:]
+    code = "from dtr_jax import tpu; tpu.cpu_without_accelerators(); import jax; "
+    code += "print(jax.devices())"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.stdout.startswith("[CpuDevice") and "TPU" not in done.stderr, done.stderr
