@@ -224,7 +224,7 @@ def _counted(build: Callable[[DiffusionModel], tuple], dm: DiffusionModel, count
     one block is the difference; module docstring), or is nan without `count`. Seconds:
     the real program's compile."""
     compiled, seconds = build(dm)
-    if not dm.model.scan_blocks:
+    if not getattr(dm.model, "scan_blocks", False):  # U-Nets have no scanned form
         return (compiled, seconds, *_cost(compiled))
     if not count:
         return compiled, seconds, math.nan, math.nan
@@ -274,11 +274,9 @@ def _nbytes(tree) -> float:
 
 
 def _tables(dm, mesh):
-    if dm.tables is None:
-        return None
-    return jax.ShapeDtypeStruct(
-        dm.tables.shape, dm.tables.dtype, sharding=sharding.replicated(mesh)
-    )
+    """The routing tables as replicated ShapeDtypeStructs: a DiT's array, a U-Net's dict
+    of them by width, or None."""
+    return None if dm.tables is None else _abstract(dm.tables, sharding.replicated(mesh))
 
 
 def train_step(config, mesh, compile_only: bool, count: bool = True) -> Figures:

@@ -174,3 +174,14 @@ def test_a_machine_without_accelerators_never_starts_libtpu(tmp_path):
     code += "print(jax.devices())"
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert done.stdout.startswith("[CpuDevice") and "TPU" not in done.stderr, done.stderr
+
+
+def test_a_unet_plans_with_its_tables_per_width(target):
+    """The ADM U-Net's train step compiles for the slice, its {width: table} routing
+    passed as the DiT's one table is."""
+    fields = {"global_batch_size": 16, "plan.topology": SLICE, "plan.programs": "train"}
+    config = config_lib.load_config(str(ROOT / "configs" / "digits_unet.py"), **fields)
+    config = plan.planned_config(config, target)
+    config_lib.validate(config, target.chips, mode="plan")
+    step = plan.train_step(config, sharding.make_mesh(config.mesh, target.devices), True)
+    assert step.fits and step.flops > 0 and step.problem == ""
