@@ -521,3 +521,25 @@ def test_the_64x64_configs_train_on_a_real_image_folder(tmp_path):
     imagenet = load_config(str(helpers.ROOT / "configs" / "adm_imagenet64.py"))
     config_lib.validate(with_overrides(imagenet, **{"data.name": "synthetic"}), 8)
     assert models.routed_widths(inference.from_config(imagenet).model)[0] == 192
+
+
+@pytest.mark.parametrize(
+    "objective, sampler",
+    [("ddpm", "dpmpp_2m"), ("flow", "heun"), ("flow", "euler_maruyama")],
+)
+def test_the_new_samplers_run_a_unet_with_a_guidance_interval(objective, sampler):
+    """The samplers of both objectives drive a U-Net (rows by its objective's tasks), with
+    guidance limited to an interval."""
+    fields = {"diffusion.objective": objective, "sample.sampler": sampler}
+    fields |= {"sample.num_steps": 3, "sample.cfg_scale": 2.0, "sample.guidance_low": 0.2}
+    fields |= {"sample.guidance_high": 0.6, "model.class_dropout_prob": 0.1}
+    if objective == "flow":
+        fields |= {"model.learn_sigma": False, "sample.clip_denoised": False}
+    config = tiny(**fields)
+    config_lib.validate(config, 1, mode="sample")
+    dm = inference.from_config(config)
+    params = dm.model.init(jax.random.PRNGKey(0), *dm.model.dummy_inputs(2))["params"]
+    run = jax.jit(inference.sample_fn(dm, config.sample, count_calls=True))
+    images, calls = run(params, jnp.array([1, 2]), dm.tables, jax.random.PRNGKey(1))
+    assert images.shape == (2, 8, 8, 1) and bool(jnp.isfinite(images).all())
+    assert int(calls) == (6 if sampler == "heun" else 3)
