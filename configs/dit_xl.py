@@ -18,8 +18,8 @@
 
 Every row but the size and how it computes is `default_config()`'s. How it computes
 changes no result: it makes the paper's batch of 256 fit a v5e-8 (16 GiB a chip), the
-smallest common slice, with the best bound of `--mode plan` (BENCHMARKS.md, optimisation
-log 7); `--config.model.scan_blocks=False` reads checkpoints of the per-block layout.
+smallest common slice, as compiled by `--mode plan` (BENCHMARKS.md, optimisation log
+7); `--config.model.scan_blocks=False` reads checkpoints of the per-block layout.
 The run reads the latents `--mode extract` writes once (README: Training on ImageNet);
 `--config.data.name=synthetic` trains on random latents of the right shape, to check
 shapes, sharding and memory.
@@ -31,7 +31,7 @@ from dtr_jax.config import default_config
 def get_config():
     c = default_config()
     c.model.name = "DiT-XL/2"
-    c.model.scan_blocks = True  # one compiled block: compiles in a fraction of the time
+    c.model.scan_blocks = True  # one compiled block for all: a faster compile
     c.model.remat_policy = "dots_with_no_batch_dims_saveable"  # keep matmul outputs only
     c.mesh.data, c.mesh.fsdp = 1, -1  # params, EMA and moments split over every device
     return c

@@ -19,18 +19,18 @@ release willisma/SiT, train.py and sample_ddp.py) with DTR routing.
 
 The objective is train.py's `create_transport("Linear", "velocity", None)`; the SDE is
 sample_ddp.py's (diffusion sigma_t, last step 0.04 long), the sampler of the paper's
-FID-50K of 2.06 for SiT-XL/2 (7M steps, guidance 1.5). Every row but the size, the
-objective and the sampler is `default_config()`'s. A SiT release checkpoint
-(SiT-XL-2-256x256.pt: SiT without routing) samples with
+FID-50K of 2.06 for SiT-XL/2 (7M steps, guidance 1.5). configs/sit_b.py with the size
+changed; every other row but the objective and the sampler is `default_config()`'s. A
+SiT release checkpoint (SiT-XL-2-256x256.pt: SiT without routing) samples with
 `--config.init_from=SiT-XL-2-256x256.pt --config.model.routing.kind=none`.
 """
 
-from dtr_jax.config import default_config
+import pathlib
+
+from dtr_jax.config import load_config
 
 
 def get_config():
-    c = default_config()
+    c = load_config(str(pathlib.Path(__file__).with_name("sit_b.py")))
     c.model.name = "DiT-XL/2"  # SiT's architecture is DiT's
-    c.diffusion.objective = "flow"  # SiT's defaults: path 'linear', prediction 'velocity'
-    c.sample.sampler = "euler_maruyama"  # 250 steps (num_steps), guidance 1.5: the defaults
     return c
