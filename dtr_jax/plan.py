@@ -20,7 +20,11 @@ charges a scanned block with the whole stacked arrays it slices (measured: its b
 block grow with the depth). The plan counts the sampler's loop over `sample.num_steps`
 as steps x one step, and takes a `scan_blocks` model's FLOPs and bytes from the same
 program with its blocks unrolled at depth 1 and 2 (small compiles: one block is the
-difference); memory and fit are the scanned program's own. XLA's `optimal_seconds` is
+difference); memory and fit are the scanned program's own. On FSDP meshes libtpu may
+overlap a matmul with the all-gather of its sharded weight in a loop over the shards (a
+"windowed einsum": DiT-XL/2 on v5e 1x8), another loop counted once: a program with such
+loops is counted from its compile with them turned off (COUNTING_OPTIONS; the same
+FLOPs, the bytes of the plain all-gather and matmul). XLA's `optimal_seconds` is
 not used: it sums per-instruction estimates from libtpu's internal rates, -1 for every
 instruction it cannot model (custom calls), loop bodies once: negative for a DiT step.
 
@@ -156,15 +160,24 @@ class _OutOfMemory(Exception):
     """The compiler's refusal of a program that does not fit."""
 
 
-def _compile(jitted, args, mesh, compile_only: bool):
-    """(compiled, seconds to lower and compile); _OutOfMemory where it does not fit."""
+# The FSDP all-gather before a matmul, as the plain matmul: libtpu otherwise overlaps them
+# in a "windowed einsum" loop, whose body (one shard's matmul) the cost analysis counts once.
+COUNTING_OPTIONS = {
+    "xla_tpu_enable_windowed_einsum_for_all_gather": False,
+    "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False,
+}
+
+
+def _compile(jitted, args, mesh, compile_only: bool, options: dict | None = None):
+    """(compiled, seconds to lower and compile); _OutOfMemory where it does not fit.
+    `options`: libtpu's compiler options (COUNTING_OPTIONS for a program counted)."""
     start = time.perf_counter()
     with sharding.mesh_context(mesh):
         traced = jitted.trace(*args)
     lowered = traced.lower(lowering_platforms=("tpu",)) if compile_only else traced.lower()
     try:
         with _not_cached(compile_only):
-            compiled = lowered.compile()
+            compiled = lowered.compile(compiler_options=options)
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" in str(e):
             raise _OutOfMemory(_oom_summary(str(e))) from None
@@ -218,17 +231,27 @@ def _figures(program, batch, compiled, seconds, inputs, flops, bytes_accessed, c
     )
 
 
-def _counted(build: Callable[[DiffusionModel], tuple], dm: DiffusionModel, count: bool):
-    """(compiled, seconds, flops, bytes) of `build(dm)`'s program. A scanned model's cost
-    comes from the same program with the blocks unrolled at depth 1 and 2 (the cost of
-    one block is the difference; module docstring), or is nan without `count`. Seconds:
-    the real program's compile."""
+def _windowed(compiled) -> bool:
+    """Whether libtpu made a matmul of `compiled` a windowed-einsum loop (FSDP meshes)."""
+    return "windowed_dot_general" in compiled.as_text()
+
+
+def _counted(build: Callable[..., tuple], dm: DiffusionModel, count: bool):
+    """(compiled, seconds, flops, bytes) of `build(dm)`'s program; `build(dm, options)`
+    compiles it with libtpu's `options`. A scanned model's cost comes from the same
+    program with the blocks unrolled at depth 1 and 2 (the cost of one block is the
+    difference; module docstring), or is nan without `count`. A program counted is
+    compiled with COUNTING_OPTIONS where libtpu made windowed-einsum loops of its
+    matmuls. Seconds: the real program's compile."""
     compiled, seconds = build(dm)
-    if not getattr(dm.model, "scan_blocks", False):  # U-Nets have no scanned form
+    scanned = getattr(dm.model, "scan_blocks", False)  # U-Nets have no scanned form
+    if not scanned and not _windowed(compiled):
         return (compiled, seconds, *_cost(compiled))
     if not count:
         return compiled, seconds, math.nan, math.nan
-    one, two = (_cost(build(_unrolled(dm, depth))[0]) for depth in (1, 2))
+    if not scanned:
+        return (compiled, seconds, *_cost(build(dm, COUNTING_OPTIONS)[0]))
+    one, two = (_cost(build(_unrolled(dm, d), COUNTING_OPTIONS)[0]) for d in (1, 2))
     depth = dm.model.depth
     flops, nbytes = (a + (depth - 1) * (b - a) for a, b in zip(one, two, strict=True))
     return compiled, seconds, flops, nbytes
@@ -285,11 +308,12 @@ def train_step(config, mesh, compile_only: bool, count: bool = True) -> Figures:
     setup = step_lib.create_setup(config)
     batch = abstract_batch(config, setup.dm.model, config.global_batch_size, mesh)
 
-    def build(dm: DiffusionModel):
+    def build(dm: DiffusionModel, options: dict | None = None):
         s = dataclasses.replace(setup, dm=dm)
         abstract, shardings = step_lib.state_layout(s, mesh)
         jitted = step_lib.jit_train_step(s, mesh, shardings)
-        return _compile(jitted, (abstract, batch, _tables(dm, mesh)), mesh, compile_only)
+        args = (abstract, batch, _tables(dm, mesh))
+        return _compile(jitted, args, mesh, compile_only, options)
 
     try:
         compiled, seconds, flops, nbytes = _counted(build, setup.dm, count)
@@ -313,11 +337,11 @@ def sampler(config, mesh, compile_only: bool, count: bool = True) -> Figures:
     key = jax.eval_shape(lambda: jax.random.key(0))
     rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(mesh))
 
-    def build(d: DiffusionModel):
+    def build(d: DiffusionModel, options: dict | None = None):
         params, shardings = d.param_layout(mesh)
         jitted = sample.jit_sampler(d, s, mesh, shardings)
         args = (_abstract(params, shardings), labels, _tables(d, mesh), rng)
-        return _compile(jitted, args, mesh, compile_only)
+        return _compile(jitted, args, mesh, compile_only, options)
 
     name, calls = "sampler", f"{s.num_steps} steps"
     try:
