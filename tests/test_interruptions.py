@@ -44,6 +44,7 @@ def test_kill_9_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path):
     final = run_cli(workdir, **KILLED)
     assert final.returncode == 0, final.stderr[-3000:]
     assert "Taking over the stale lock" in final.stderr  # the kill -9 left its lock
+    assert re.search(r"its process \d+ is gone", final.stderr)
     assert "Removing the unfinished checkpoint" in final.stderr
     assert records(workdir, 40) == records(tmp_path / "straight", 40)
     ema = [(d / "ema_params.msgpack").read_bytes() for d in (workdir, tmp_path / "straight")]
@@ -54,7 +55,8 @@ def test_kill_9_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path):
 # --- one trainer per workdir ---------------------------------------------------------------
 
 
-def test_a_second_trainer_is_refused_and_a_stale_lock_taken_over(tmp_path):
+def test_a_second_trainer_is_refused(tmp_path):
+    """(The lock a kill -9 leaves is taken over: the test above.)"""
     workdir = tmp_path / "run"
     first = start(workdir, num_train_steps=100000, checkpoint_every_steps=100000)
     wait_for(first, ", loss=")
@@ -67,9 +69,6 @@ def test_a_second_trainer_is_refused_and_a_stale_lock_taken_over(tmp_path):
         f"pid {first.pid}",
     )
     kill9(first)
-    third = run_cli(workdir, num_train_steps=3)
-    assert third.returncode == 0, third.stderr[-3000:]
-    assert "Taking over the stale lock" in third.stderr and "is gone" in third.stderr
 
 
 def test_a_multi_host_trainer_takes_the_lock_once(tmp_path):
