@@ -13,7 +13,10 @@ knows nothing of it):
   slow_shard:<name>  `--mode extract` waits likewise before the last record of the shard
                  file <name>, after 'FAULT: completing <name>': a kill then leaves it
                  unfinished;
-  no_torch       torch cannot be imported, as where it is not installed.
+  no_torch       torch cannot be imported, as where it is not installed;
+  cheap_fid      not a fault: the Fréchet distance is a cheap function of the same
+                 statistics (its 2048x2048 matrix square root takes a minute or more on
+                 2 cores), for a test of the path to it, not of its value.
 """
 
 import errno
@@ -21,6 +24,8 @@ import os
 import re
 import sys
 import time
+
+import numpy as np
 
 FAULT = os.environ.get("DTR_TEST_FAULT", "")
 
@@ -40,7 +45,7 @@ if FAULT == "no_torch":
 # Imported after the finder is in place, so that torch is blocked from the start.
 from orbax.checkpoint._src.handlers import json_checkpoint_handler  # noqa: E402
 
-from dtr_jax import checkpoint, main  # noqa: E402
+from dtr_jax import checkpoint, main, metrics  # noqa: E402
 from dtr_jax.data import latents  # noqa: E402
 
 SLOW = float(os.environ.get("DTR_TEST_SLOW", "2"))
@@ -86,7 +91,13 @@ def _slow_last_record(self, record):
     return _write_record(self, record)
 
 
+def _cheap_distance(mu1, sigma1, mu2, sigma2):
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2))
+
+
 json_checkpoint_handler.JsonCheckpointHandler._save_fn = _faulty_save_meta
+if FAULT == "cheap_fid":
+    metrics.frechet_distance = _cheap_distance
 if FAULT == "slow_commit":
     checkpoint.Checkpoints._commit_previous = _slow_commit
 if FAULT.startswith("slow_shard:"):
