@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from dtr_jax.routing import route
 
@@ -110,6 +111,22 @@ class LabelEmbedder(nn.Module):
         return table(y)
 
 
+def heads_major_attention(q, k, v):
+    """softmax(q k^T / sqrt(head_dim)) v over (B, heads, N, head_dim) arrays: what
+    `jax.nn.dot_product_attention`'s 'xla' implementation computes (logits in at least
+    float32, scaled after the product, softmax in float32), with the heads ahead of the
+    tokens, so both products are plain batched matmuls of row-major operands and XLA
+    moves no activation between them (BENCHMARKS.md, optimisation log 9)."""
+    logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
+    precision = lax.DotAlgorithmPreset.BF16_BF16_F32 if q.dtype == jnp.bfloat16 else None
+    logits = jnp.einsum(
+        "bhqd,bhkd->bhqk", q, k, precision=precision, preferred_element_type=logits_dtype
+    )
+    logits *= jnp.array(1.0 / np.sqrt(q.shape[-1]), dtype=logits.dtype)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(k.dtype)
+    return jnp.einsum("bhqk,bhkd->bhqd", probs, v)
+
+
 class Attention(nn.Module):
     num_heads: int
     dtype: Dtype = jnp.float32
@@ -118,10 +135,18 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x):
         b, n, d = x.shape
+        h = self.num_heads
         qkv = _dense(3 * d, ("embed", "qkv"), "qkv", self.dtype)(x)
         # PyTorch reshapes qkv to (B, N, 3, heads, head_dim).
-        q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, self.num_heads, d // self.num_heads), 2, 0)
-        out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+        qkv = qkv.reshape(b, n, 3, h, d // h)
+        if self.implementation == "cudnn":  # cuDNN's kernel takes (B, N, heads, head_dim)
+            q, k, v = jnp.moveaxis(qkv, 2, 0)
+            out = jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+        else:
+            # One transpose to (3, B, heads, N, head_dim); split (its gradient is one
+            # concatenation, where indexing's is a padded copy per part, summed).
+            q, k, v = (a[0] for a in jnp.split(qkv.transpose(2, 0, 3, 1, 4), 3))
+            out = heads_major_attention(q, k, v).transpose(0, 2, 1, 3)
         return _dense(d, ("heads", "embed"), "proj", self.dtype)(out.reshape(b, n, d))
 
 
