@@ -38,7 +38,10 @@ How an op gets its class, both frameworks:
   noise/timesteps/label dropout, unpatchify, torch's gradient accumulation) and the
   instants where no op runs.
 
-XLA's ops are named in the trace by their HLO instruction; each is looked up in the
+XLA's ops are named in the trace by their HLO instruction (a thunk). A thunk that
+completes asynchronously (Eigen's dots, fusions split over the thread pool) runs from
+its event's start to its `end: <name>` event, on whatever threads the pool gives it:
+that whole span is the thunk's. Each thunk is looked up in the
 compiled step's optimized HLO (`compiled.as_text()`): opcode, fused computation, and the
 source location and Python call stack its metadata carries (the backward keeps the
 forward's). A fusion without a dot splits its time among the classes of its instructions
@@ -305,6 +308,35 @@ def jax_class(ins) -> str:
     return "other"
 
 
+CONTROL_FLOW = {"while", "call", "conditional"}  # their bodies' thunks are in the trace
+
+
+def thunk_intervals(data, hlo: Hlo) -> list:
+    """[(start, end, name)] in seconds of every thunk run in a trace. A thunk's event
+    marks its start; where it completes asynchronously (Eigen's dot, a fusion split over
+    the thread pool) its work goes on after the event, until its `end: <name>` event
+    (linked by the flow id: the thunk's `_p`, the end's `_c`)."""
+    starts, ends = [], {}
+    for plane in data.planes:
+        if plane.name != "/host:CPU":
+            continue
+        for line in plane.lines:
+            if not line.name.startswith(("tf_XLAEigen", "tf_XLAPjRtCpuClient")):
+                continue
+            for e in line.events:
+                if e.name in hlo.instr and hlo.instr[e.name]["opcode"] not in CONTROL_FLOW:
+                    stats = dict(e.stats)
+                    starts.append((e.start_ns, e.start_ns + e.duration_ns, e.name, stats.get("_p")))
+                elif e.name.startswith("end: "):
+                    flow = dict(e.stats).get("_c")
+                    if flow is not None:
+                        ends[flow] = e.start_ns + e.duration_ns
+    return [
+        (start * 1e-9, max(end, ends.get(flow, end)) * 1e-9, name)
+        for start, end, name, flow in starts
+    ]
+
+
 def profile_jax(config, steps: int, trace_dir: str) -> dict:
     """{'classes': {class: s/step}, 'idle': s/step, 'traced': s/step, 'untraced': s/step}."""
     step = train_step.JaxStep(config, (1, 1))
@@ -317,20 +349,7 @@ def profile_jax(config, steps: int, trace_dir: str) -> dict:
         traced = (time.perf_counter() - start) / steps
     paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
     data = jax.profiler.ProfileData.from_file(max(paths, key=os.path.getmtime))
-    threads = []
-    for plane in data.planes:
-        if plane.name != "/host:CPU":
-            continue
-        for line in plane.lines:
-            if not line.name.startswith(("tf_XLAEigen", "tf_XLAPjRtCpuClient")):
-                continue
-            events = [
-                (e.start_ns * 1e-9, (e.start_ns + e.duration_ns) * 1e-9, e.name)
-                for e in line.events
-                if e.name in hlo.instr  # thunks only: not the executor's own regions
-            ]
-            threads.append(innermost_segments(events))
-    by_name = attribute(threads)
+    by_name = attribute([thunk_intervals(data, hlo)])
     classes, ops = collections.Counter(), collections.Counter()
     for name, seconds in by_name.items():
         for cls, share in hlo.shares(name).items():
