@@ -267,7 +267,7 @@ def _elements(shape: str) -> int:
 
 
 def _in_attention(stack) -> bool:
-    return any(function == "Attention.__call__" for _, function, _ in stack)
+    return any(f in ("Attention.__call__", "heads_major_attention") for _, f, _ in stack)
 
 
 def jax_dot_class(ins) -> str:
@@ -293,11 +293,11 @@ def jax_class(ins) -> str:
             if function == "DiT._gather_masks" or ("mask" in text and primitive == "mul"):
                 return "routing"
             return "other"  # the residual adds
-        if name in ("modulate", "_normalize", "_compute_stats") or "LayerNorm" in function:
+        if name == "modulate" or path.endswith("/normalization.py") or "LayerNorm" in function:
             return "layer norm + modulation"
         if "gate_" in text and primitive == "mul":
             return "layer norm + modulation"
-        if function == "Attention.__call__":
+        if function in ("Attention.__call__", "heads_major_attention"):
             return "attention"
         if function in ("Dense.__call__", "_Conv.__call__"):
             return "matmuls"  # the bias add and its gradient (torch's addmm adds the bias)

@@ -116,7 +116,15 @@ def heads_major_attention(q, k, v):
     `jax.nn.dot_product_attention`'s 'xla' implementation computes (logits in at least
     float32, scaled after the product, softmax in float32), with the heads ahead of the
     tokens, so both products are plain batched matmuls of row-major operands and XLA
-    moves no activation between them (BENCHMARKS.md, optimisation log 9)."""
+    moves no activation between them (BENCHMARKS.md, optimisation log 9). In float32 its
+    gradient is `_attention_backward`'s (log 10)."""
+    if q.dtype == jnp.float32:
+        return _attention_f32(q, k, v)
+    return _attention(q, k, v)[0]
+
+
+def _attention(q, k, v):
+    """(output, softmax probabilities) of `heads_major_attention`."""
     logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
     precision = lax.DotAlgorithmPreset.BF16_BF16_F32 if q.dtype == jnp.bfloat16 else None
     logits = jnp.einsum(
@@ -124,7 +132,39 @@ def heads_major_attention(q, k, v):
     )
     logits *= jnp.array(1.0 / np.sqrt(q.shape[-1]), dtype=logits.dtype)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(k.dtype)
-    return jnp.einsum("bhqk,bhkd->bhqd", probs, v)
+    return jnp.einsum("bhqk,bhkd->bhqd", probs, v), probs
+
+
+@jax.custom_vjp
+def _attention_f32(q, k, v):
+    return _attention(q, k, v)[0]
+
+
+def _attention_forward(q, k, v):
+    out, probs = _attention(q, k, v)
+    return out, (q, k, v, probs)
+
+
+def _attention_backward(residuals, g):
+    """The gradient autodiff gives (dS = P * (dP - sum(dP * P)), scaled), with the two
+    products that contract over the query axis (dV = P^T dO, dK = dS^T Q) taken from
+    materialised transposes of P and dS: XLA's CPU backend would run them as batched
+    transposed-operand matmuls through Eigen, several times slower than the plain
+    matmuls it hands to YNNPACK (BENCHMARKS.md, optimisation log 10). The barrier keeps
+    XLA from folding the transposes back into the products."""
+    q, k, v, probs = residuals
+    scale = jnp.array(1.0 / np.sqrt(q.shape[-1]), dtype=q.dtype)
+    probs_t = lax.optimization_barrier(jnp.swapaxes(probs, -1, -2))
+    dv = jnp.einsum("bhkq,bhqd->bhkd", probs_t, g)
+    dp = jnp.einsum("bhqd,bhkd->bhqk", g, v)
+    ds = probs * (dp - jnp.sum(dp * probs, axis=-1, keepdims=True)) * scale
+    dq = jnp.einsum("bhqk,bhkd->bhqd", ds, k)
+    ds_t = lax.optimization_barrier(jnp.swapaxes(ds, -1, -2))
+    dk = jnp.einsum("bhkq,bhqd->bhkd", ds_t, q)
+    return dq, dk, dv
+
+
+_attention_f32.defvjp(_attention_forward, _attention_backward)
 
 
 class Attention(nn.Module):
