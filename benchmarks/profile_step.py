@@ -67,6 +67,7 @@ import time
 import jax
 
 from benchmarks import common, train_step
+from dtr_jax import inference, models
 
 CLASSES = (
     "matmuls",
@@ -497,7 +498,21 @@ def profile_torch(config, kind: str, steps: int) -> dict:
 # --- the table ------------------------------------------------------------------------------
 
 
-def report(results: dict) -> str:
+def matmul_gflop(config) -> dict:
+    """Model GFLOP per train step (forward + backward = 3 forwards, 2 FLOPs per MAC, as
+    `common.train_flops`) of the matmuls and of attention's two products, for a DiT;
+    {} for a U-Net."""
+    model = inference.from_config(config).model
+    if not isinstance(model, models.DiT):
+        return {}
+    n = (model.input_size // model.patch_size) ** 2
+    attention = model.depth * n * 2 * n * model.hidden_size  # QK^T and AV, MACs per image
+    per_step = 6.0 * config.global_batch_size / 1e9
+    total = common.forward_macs(model)
+    return {"matmuls": (total - attention) * per_step, "attention": attention * per_step}
+
+
+def report(results: dict, gflop: dict | None = None) -> str:
     names = list(results)
     columns = ["operation class"]
     for n in names:
@@ -523,6 +538,11 @@ def report(results: dict) -> str:
         lines.append(
             f"- {n}: profiled {1e3 * r['traced']:.2f} ms/step (of which no op running "
             f"{1e3 * r['idle']:.2f} ms, in other); untraced {1e3 * r['untraced']:.2f} ms/step"
+            + "".join(
+                f"; {cls} {work:.3g} GFLOP at {work / r['classes'][cls]:.1f} GFLOP/s"
+                for cls, work in (gflop or {}).items()
+                if r["classes"][cls] > 0
+            )
         )
     return "\n".join(lines)
 
@@ -570,7 +590,7 @@ def main(argv=None):
         "wall time by operation class (benchmarks/profile_step.py's docstring says how)",
     ]
     print(common.header("Train step profile", lines) + "\n")
-    print(report(results))
+    print(report(results, matmul_gflop(config)))
     if args.top:
         print("\n" + top_ops(results, args.top))
 
