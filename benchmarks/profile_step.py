@@ -11,7 +11,9 @@ profiled step: every instant of the traced steps goes to the op(s) running then,
 equally where several run at once (XLA runs independent thunks on its 2 worker threads
 in parallel); an instant where no op runs (XLA's thunk executor between thunks, PyTorch's
 Python and dispatch between ops) is "other". The untraced step time of the same run is
-printed under the table, to show what tracing adds.
+printed under the table, to show what tracing adds, with the model's matmul and
+attention GFLOP per step (forward + backward, as `common.train_flops` counts them) and
+the rate each framework ran them at in the profile.
 
 How an op gets its class, both frameworks:
 
