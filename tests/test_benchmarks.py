@@ -260,3 +260,38 @@ def test_torch_counterpart_runs_without_tensorflow_clu_grain_or_sklearn():
         rows = table_rows(out, "torch eager")
         assert len(rows) == 1 and float(rows[0][images_per_s]) > 0
         assert "torch device: cpu" in out
+
+
+def test_profile_attribution_splits_wall_time():
+    """Nested events give their time to the innermost; parallel ones share it equally."""
+    from benchmarks import profile_step
+
+    one = profile_step.innermost_segments([(0, 10, "outer"), (2, 4, "a"), (6, 7, "b")])
+    assert one == [(0, 2, "outer"), (2, 4, "a"), (4, 6, "outer"), (6, 7, "b"), (7, 10, "outer")]
+    two = profile_step.innermost_segments([(3, 5, "c")])
+    seconds = profile_step.attribute([one, two])
+    # c runs 3..5: it shares 3..4 with a and 4..5 with outer
+    assert seconds == {"outer": 6.5, "a": 1.5, "b": 1.0, "c": 1.0}
+    assert sum(seconds.values()) == 10.0
+
+
+def test_profile_step_classes_sum_to_the_profiled_step():
+    """Both frameworks profiled for a tiny step: every class column sums to the profiled
+    step time, and the model's own classes get time on both sides."""
+    from benchmarks import profile_step
+
+    (out,) = run_blocked(
+        [["benchmarks.profile_step", *TINY, "--batch", "4", "--steps", "1"]],
+        BARE_HOST_LACKS,
+    )
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines()]
+    rows = {r[0]: r[1:] for r in cells if r[0] in profile_step.CLASSES}
+    assert list(rows) == list(profile_step.CLASSES)
+    (sums,) = [r[1:] for r in cells if r[0] == "**profiled step (sum)**"]
+    for column in (0, 2):
+        assert sum(float(r[column]) for r in rows.values()) == pytest.approx(
+            float(sums[column]), abs=0.05
+        )
+    for cls in ("matmuls", "attention", "layer norm + modulation", "GELU", "routing"):
+        assert float(rows[cls][0]) > 0 and float(rows[cls][2]) > 0, cls
+    assert re.search(r"- jax: profiled [\d.]+ ms/step .* untraced [\d.]+ ms/step", out)

@@ -93,7 +93,7 @@ BENCHMARK_LAYERS = [
         "benchmarks.tpu_plans",
         "benchmarks.sampler_quality",
     ],
-    ["benchmarks.sample"],
+    ["benchmarks.sample", "benchmarks.profile_step"],
     ["benchmarks.torch_step"],
 ]
 BENCHMARK_LAYER = {m: i for i, modules in enumerate(BENCHMARK_LAYERS) for m in modules}

@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from dtr_jax.routing import route
 
@@ -35,8 +36,49 @@ def _init(fn, *names):
     return nn.with_logical_partitioning(fn, names)
 
 
+@jax.custom_vjp
+def _matmul(x, kernel):
+    """x @ kernel over x's last axis, as `nn.Dense` computes it; the gradient is
+    `_matmul_backward`'s."""
+    return lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def _matmul_forward(x, kernel):
+    return _matmul(x, kernel), (x, kernel)
+
+
+def _matmul_backward(residuals, g):
+    """Autodiff's gradients, the kernel's computed as (g^T x)^T rather than x^T g: the
+    same sums, but XLA's CPU backend then reads g where it lies instead of copying it
+    into a transposed layout first, and moves 5-6% fewer bytes in the train step
+    (BENCHMARKS.md, optimisation log 13)."""
+    x, kernel = residuals
+    dx = lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())))
+    x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+    dkernel = lax.dot_general(g2, x2, (((0,), (0,)), ((), ()))).T
+    return dx, dkernel
+
+
+_matmul.defvjp(_matmul_forward, _matmul_backward)
+
+
+class Dense(nn.Dense):
+    """`nn.Dense` (same params, initialisers, dtype promotion and forward), with the
+    kernel's gradient taken as `_matmul_backward` takes it."""
+
+    @nn.compact
+    def __call__(self, inputs):
+        kernel = self.param(
+            "kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features), self.param_dtype
+        )
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+        inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+        y = _matmul(inputs, kernel)
+        return y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+
+
 def _dense(features, names, name, dtype, kernel_init=_xavier, bias_init=_zeros):
-    return nn.Dense(
+    return Dense(
         features,
         dtype=dtype,
         name=name,
@@ -110,6 +152,62 @@ class LabelEmbedder(nn.Module):
         return table(y)
 
 
+def heads_major_attention(q, k, v):
+    """softmax(q k^T / sqrt(head_dim)) v over (B, heads, N, head_dim) arrays: what
+    `jax.nn.dot_product_attention`'s 'xla' implementation computes (logits in at least
+    float32, scaled after the product, softmax in float32), with the heads ahead of the
+    tokens, so both products are plain batched matmuls of row-major operands and XLA
+    moves no activation between them (BENCHMARKS.md, optimisation log 9). In float32 its
+    gradient is `_attention_backward`'s (log 10)."""
+    if q.dtype == jnp.float32:
+        return _attention_f32(q, k, v)
+    return _attention(q, k, v)[0]
+
+
+def _attention(q, k, v):
+    """(output, softmax probabilities) of `heads_major_attention`."""
+    logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
+    precision = lax.DotAlgorithmPreset.BF16_BF16_F32 if q.dtype == jnp.bfloat16 else None
+    logits = jnp.einsum(
+        "bhqd,bhkd->bhqk", q, k, precision=precision, preferred_element_type=logits_dtype
+    )
+    logits *= jnp.array(1.0 / np.sqrt(q.shape[-1]), dtype=logits.dtype)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(k.dtype)
+    return jnp.einsum("bhqk,bhkd->bhqd", probs, v), probs
+
+
+@jax.custom_vjp
+def _attention_f32(q, k, v):
+    return _attention(q, k, v)[0]
+
+
+def _attention_forward(q, k, v):
+    out, probs = _attention(q, k, v)
+    return out, (q, k, v, probs)
+
+
+def _attention_backward(residuals, g):
+    """The gradient autodiff gives (dS = P * (dP - sum(dP * P)), scaled), with the two
+    products that contract over the query axis (dV = P^T dO, dK = dS^T Q) taken from
+    materialised transposes of P and dS: XLA's CPU backend would run them as batched
+    transposed-operand matmuls through Eigen, several times slower than the plain
+    matmuls it hands to YNNPACK (BENCHMARKS.md, optimisation log 10). The barrier keeps
+    XLA from folding the transposes back into the products."""
+    q, k, v, probs = residuals
+    scale = jnp.array(1.0 / np.sqrt(q.shape[-1]), dtype=q.dtype)
+    probs_t = lax.optimization_barrier(jnp.swapaxes(probs, -1, -2))
+    dv = jnp.einsum("bhkq,bhqd->bhkd", probs_t, g)
+    dp = jnp.einsum("bhqd,bhkd->bhqk", g, v)
+    ds = probs * (dp - jnp.sum(dp * probs, axis=-1, keepdims=True)) * scale
+    dq = jnp.einsum("bhqk,bhkd->bhqd", ds, k)
+    ds_t = lax.optimization_barrier(jnp.swapaxes(ds, -1, -2))
+    dk = jnp.einsum("bhkq,bhqd->bhkd", ds_t, q)
+    return dq, dk, dv
+
+
+_attention_f32.defvjp(_attention_forward, _attention_backward)
+
+
 class Attention(nn.Module):
     num_heads: int
     dtype: Dtype = jnp.float32
@@ -118,10 +216,18 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x):
         b, n, d = x.shape
+        h = self.num_heads
         qkv = _dense(3 * d, ("embed", "qkv"), "qkv", self.dtype)(x)
         # PyTorch reshapes qkv to (B, N, 3, heads, head_dim).
-        q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, self.num_heads, d // self.num_heads), 2, 0)
-        out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+        qkv = qkv.reshape(b, n, 3, h, d // h)
+        if self.implementation == "cudnn":  # cuDNN's kernel takes (B, N, heads, head_dim)
+            q, k, v = jnp.moveaxis(qkv, 2, 0)
+            out = jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+        else:
+            # One transpose to (3, B, heads, N, head_dim); split (its gradient is one
+            # concatenation, where indexing's is a padded copy per part, summed).
+            q, k, v = (a[0] for a in jnp.split(qkv.transpose(2, 0, 3, 1, 4), 3))
+            out = heads_major_attention(q, k, v).transpose(0, 2, 1, 3)
         return _dense(d, ("heads", "embed"), "proj", self.dtype)(out.reshape(b, n, d))
 
 
