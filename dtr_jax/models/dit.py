@@ -77,8 +77,10 @@ class Dense(nn.Dense):
         return y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
 
 
-def _dense(features, names, name, dtype, kernel_init=_xavier, bias_init=_zeros):
-    return Dense(
+def _dense(features, names, name, dtype, kernel_init=_xavier, bias_init=_zeros, own_grad=True):
+    """`Dense`, or with `own_grad=False` flax's `nn.Dense` (the same params and forward,
+    autodiff's gradient: what a remat policy sees, `DiTBlock.own_grads`)."""
+    return (Dense if own_grad else nn.Dense)(
         features,
         dtype=dtype,
         name=name,
@@ -152,14 +154,14 @@ class LabelEmbedder(nn.Module):
         return table(y)
 
 
-def heads_major_attention(q, k, v):
+def heads_major_attention(q, k, v, own_grad: bool = True):
     """softmax(q k^T / sqrt(head_dim)) v over (B, heads, N, head_dim) arrays: what
     `jax.nn.dot_product_attention`'s 'xla' implementation computes (logits in at least
     float32, scaled after the product, softmax in float32), with the heads ahead of the
     tokens, so both products are plain batched matmuls of row-major operands and XLA
     moves no activation between them (BENCHMARKS.md, optimisation log 9). In float32 its
-    gradient is `_attention_backward`'s (log 10)."""
-    if q.dtype == jnp.float32:
+    gradient is `_attention_backward`'s (log 10) unless `own_grad=False`."""
+    if q.dtype == jnp.float32 and own_grad:
         return _attention_f32(q, k, v)
     return _attention(q, k, v)[0]
 
@@ -212,12 +214,14 @@ class Attention(nn.Module):
     num_heads: int
     dtype: Dtype = jnp.float32
     implementation: str = "xla"  # jax.nn.dot_product_attention's: 'xla' or 'cudnn' (GPU)
+    own_grads: bool = True  # DiTBlock.own_grads
 
     @nn.compact
     def __call__(self, x):
         b, n, d = x.shape
         h = self.num_heads
-        qkv = _dense(3 * d, ("embed", "qkv"), "qkv", self.dtype)(x)
+        g = self.own_grads
+        qkv = _dense(3 * d, ("embed", "qkv"), "qkv", self.dtype, own_grad=g)(x)
         # PyTorch reshapes qkv to (B, N, 3, heads, head_dim).
         qkv = qkv.reshape(b, n, 3, h, d // h)
         if self.implementation == "cudnn":  # cuDNN's kernel takes (B, N, heads, head_dim)
@@ -227,19 +231,21 @@ class Attention(nn.Module):
             # One transpose to (3, B, heads, N, head_dim); split (its gradient is one
             # concatenation, where indexing's is a padded copy per part, summed).
             q, k, v = (a[0] for a in jnp.split(qkv.transpose(2, 0, 3, 1, 4), 3))
-            out = heads_major_attention(q, k, v).transpose(0, 2, 1, 3)
-        return _dense(d, ("heads", "embed"), "proj", self.dtype)(out.reshape(b, n, d))
+            out = heads_major_attention(q, k, v, own_grad=g).transpose(0, 2, 1, 3)
+        return _dense(d, ("heads", "embed"), "proj", self.dtype, own_grad=g)(out.reshape(b, n, d))
 
 
 class Mlp(nn.Module):
     hidden: int
     dtype: Dtype = jnp.float32
+    own_grads: bool = True  # DiTBlock.own_grads
 
     @nn.compact
     def __call__(self, x):
-        h = _dense(self.hidden, ("embed", "mlp"), "fc1", self.dtype)(x)
+        g = self.own_grads
+        h = _dense(self.hidden, ("embed", "mlp"), "fc1", self.dtype, own_grad=g)(x)
         h = nn.gelu(h, approximate=True)
-        return _dense(x.shape[-1], ("mlp", "embed"), "fc2", self.dtype)(h)
+        return _dense(x.shape[-1], ("mlp", "embed"), "fc2", self.dtype, own_grad=g)(h)
 
 
 def _layer_norm(dtype):
@@ -254,16 +260,21 @@ class DiTBlock(nn.Module):
     mlp_ratio: float = 4.0
     dtype: Dtype = jnp.float32
     attention: str = "xla"
+    # The gradients of `Dense` and of float32 attention (log 10, 13); False: autodiff's.
+    # A remat policy sees the matmuls autodiff differentiates, not those inside a custom
+    # VJP, whose outputs it would never save ('dots_...' would recompute every Dense).
+    own_grads: bool = True
 
     @nn.compact
     def __call__(self, x, c, mask=None):
         d = self.hidden_size
-        mod = _dense(6 * d, ("embed", "adaln"), "adaLN_modulation_1", self.dtype, _zeros)(
-            nn.silu(c)
-        )
+        g = self.own_grads
+        mod = _dense(
+            6 * d, ("embed", "adaln"), "adaLN_modulation_1", self.dtype, _zeros, own_grad=g
+        )(nn.silu(c))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
-        attn = Attention(self.num_heads, self.dtype, self.attention, name="attn")
-        mlp = Mlp(int(d * self.mlp_ratio), self.dtype, name="mlp")
+        attn = Attention(self.num_heads, self.dtype, self.attention, g, name="attn")
+        mlp = Mlp(int(d * self.mlp_ratio), self.dtype, g, name="mlp")
 
         def attn_branch(h):
             return gate_msa[:, None] * attn(
@@ -397,6 +408,7 @@ class DiT(nn.Module):
             # prevent_cse guards the recompute against CSE; a scan body needs no guard.
             block_cls = nn.remat(DiTBlock, policy=policy, prevent_cse=not self.scan_blocks)
         args = (self.hidden_size, self.num_heads, self.mlp_ratio, self.dtype, self.attention)
+        args += (not self.remat_policy,)  # own_grads: autodiff's under a remat policy
         if not self.scan_blocks:
             for i in range(self.depth):
                 mask = None if masks is None else masks[i % masks.shape[0]]
