@@ -6,6 +6,9 @@ the same RANDOM non-zero weights as the Flax model.
 The PyTorch -> Flax name mapping is the package's own (`dtr_jax.interop.params_from_torch`).
 """
 
+import contextlib
+import io
+
 import flax
 import flax.linen as nn
 import jax
@@ -13,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from jax.ad_checkpoint import print_saved_residuals
 
 from dtr_jax.interop import params_from_torch
 from dtr_jax.models import MODEL_NAMES, REMAT_POLICIES, SIZES, create_dit
@@ -399,6 +403,23 @@ def test_remat_policies_keep_the_gradients(ref, policy, scan):
         for key in path:
             w = w[key.key]
         check_close(f"remat_{policy}_{scan}{jax.tree_util.keystr(path)}", g, w, tol=1e-6)
+
+
+def test_a_dots_remat_policy_saves_the_blocks_matmul_outputs(ref):
+    """The policy decides what is kept for the backward pass only where it sees the
+    matmuls: in blocks under remat (autodiff's gradients there, not Dense's own VJP,
+    which would hide every Dense output from it and have them all recomputed)."""
+    _, params = ref
+    xj, tj, yj, _ = inputs(jax_layout=True)
+    model = small_dit(remat_policy="dots_with_no_batch_dims_saveable")
+    printed = io.StringIO()  # jax's public account of the residuals is printed
+    with contextlib.redirect_stdout(printed):
+        print_saved_residuals(lambda p: jnp.mean(fwd(p, xj, tj, yj, model=model) ** 2), params)
+    dots = {line.split()[0] for line in printed.getvalue().splitlines() if "of dot_general" in line}
+    tokens, d = (CFG["input_size"] // CFG["patch_size"]) ** 2, CFG["hidden_size"]
+    batch = xj.shape[0]
+    per_block = {f"f32[{batch},{tokens},{n}]" for n in (3 * d, d, 4 * d)}  # qkv, proj, fc1
+    assert per_block <= dots, dots
 
 
 # ============================================================ 10. errors
