@@ -37,25 +37,27 @@ def pytest_sessionfinish(session, exitstatus):
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
-# Seconds each file took in a full run on the 2-core CI machine kind (only the order they
-# give matters). The two workers take whole files (`--dist loadfile`), each the next in
+# Seconds each file took in a full run on the 2-core CI machine kind, loaded (only the
+# order they give matters). The two workers take whole files (`--dist loadfile`), each the next in
 # line when it is free: the longest files go first, so the run does not end with one
 # worker on a long file while the other waits. Files not named here go last.
 FILE_SECONDS = {
-    "test_extract.py": 235,
-    "test_multihost.py": 211,
-    "test_train.py": 209,
-    "test_faults.py": 180,
-    "test_interruptions.py": 164,
-    "test_unet.py": 163,
-    "test_plan.py": 106,
-    "test_benchmarks.py": 97,
-    "test_evaluate.py": 68,
-    "test_interop.py": 67,
-    "test_sample.py": 46,
-    "test_model.py": 44,
-    "test_study.py": 44,
-    "test_flow_runs.py": 37,
+    "test_unet.py": 368,
+    "test_faults.py": 297,
+    "test_train.py": 292,
+    "test_extract.py": 223,
+    "test_multihost.py": 213,
+    "test_interruptions.py": 154,
+    "test_benchmarks.py": 136,
+    "test_plan.py": 129,
+    "test_interop.py": 116,
+    "test_evaluate.py": 91,
+    "test_model.py": 67,
+    "test_study.py": 40,
+    "test_vae.py": 36,
+    "test_flow.py": 29,
+    "test_sample.py": 28,
+    "test_flow_runs.py": 28,
 }
 
 
