@@ -38,9 +38,9 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 # Seconds each file took in a full run on the 2-core CI machine kind, loaded (only the
-# order they give matters). The two workers take whole files (`--dist loadfile`), each the next in
-# line when it is free: the longest files go first, so the run does not end with one
-# worker on a long file while the other waits. Files not named here go last.
+# order they give matters). The two workers take whole files (`--dist loadfile`), each
+# the next in line when it is free: the longest files go first, so the run does not end
+# with one worker on a long file while the other waits. Files not named here go last.
 FILE_SECONDS = {
     "test_unet.py": 368,
     "test_faults.py": 297,
