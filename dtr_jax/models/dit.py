@@ -224,10 +224,11 @@ class Attention(nn.Module):
         qkv = _dense(3 * d, ("embed", "qkv"), "qkv", self.dtype, own_grad=g)(x)
         # PyTorch reshapes qkv to (B, N, 3, heads, head_dim).
         qkv = qkv.reshape(b, n, 3, h, d // h)
-        if self.implementation == "cudnn":  # cuDNN's kernel takes (B, N, heads, head_dim)
+        if self.implementation == "cudnn" or qkv.dtype != jnp.float32:
+            # cuDNN's kernel, and XLA's in bfloat16 (TPU, GPU), take (B, N, heads, head_dim)
             q, k, v = jnp.moveaxis(qkv, 2, 0)
-            out = jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
-        else:
+            out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+        else:  # float32 (the CPU): BENCHMARKS.md, optimisation log 9
             # One transpose to (3, B, heads, N, head_dim); split (its gradient is one
             # concatenation, where indexing's is a padded copy per part, summed).
             q, k, v = (a[0] for a in jnp.split(qkv.transpose(2, 0, 3, 1, 4), 3))
