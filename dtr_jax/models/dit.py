@@ -155,26 +155,19 @@ class LabelEmbedder(nn.Module):
 
 
 def heads_major_attention(q, k, v, own_grad: bool = True):
-    """softmax(q k^T / sqrt(head_dim)) v over (B, heads, N, head_dim) arrays: what
-    `jax.nn.dot_product_attention`'s 'xla' implementation computes (logits in at least
-    float32, scaled after the product, softmax in float32), with the heads ahead of the
-    tokens, so both products are plain batched matmuls of row-major operands and XLA
-    moves no activation between them (BENCHMARKS.md, optimisation log 9). In float32 its
-    gradient is `_attention_backward`'s (log 10) unless `own_grad=False`."""
-    if q.dtype == jnp.float32 and own_grad:
-        return _attention_f32(q, k, v)
-    return _attention(q, k, v)[0]
+    """softmax(q k^T / sqrt(head_dim)) v over float32 (B, heads, N, head_dim) arrays: what
+    `jax.nn.dot_product_attention`'s 'xla' implementation computes, with the heads ahead
+    of the tokens, so both products are plain batched matmuls of row-major operands and
+    XLA moves no activation between them (BENCHMARKS.md, optimisation log 9; bfloat16
+    keeps that function's call). Its gradient is `_attention_backward`'s (log 10), or
+    autodiff's with `own_grad=False`."""
+    return _attention_f32(q, k, v) if own_grad else _attention(q, k, v)[0]
 
 
 def _attention(q, k, v):
     """(output, softmax probabilities) of `heads_major_attention`."""
-    logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
-    precision = lax.DotAlgorithmPreset.BF16_BF16_F32 if q.dtype == jnp.bfloat16 else None
-    logits = jnp.einsum(
-        "bhqd,bhkd->bhqk", q, k, precision=precision, preferred_element_type=logits_dtype
-    )
-    logits *= jnp.array(1.0 / np.sqrt(q.shape[-1]), dtype=logits.dtype)
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(k.dtype)
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k) * (1.0 / np.sqrt(q.shape[-1]))
+    probs = jax.nn.softmax(logits, axis=-1)
     return jnp.einsum("bhqk,bhkd->bhqd", probs, v), probs
 
 
