@@ -14,6 +14,7 @@ import difflib
 import importlib.util
 import shlex
 
+import jax
 import ml_collections
 import numpy as np
 from flax import traverse_util
@@ -119,7 +120,7 @@ def default_config() -> ml_collections.ConfigDict:
     # remat_policy: '' keeps all activations; else one of models.REMAT_POLICIES.
     c.model.remat_policy = ""
     c.model.scan_blocks = False  # one scanned block (faster compiles); block params stacked
-    c.model.attention = "xla"  # or 'cudnn' (GPU, bfloat16): cuDNN flash attention
+    c.model.attention = "xla"  # 'cudnn' (GPU, bfloat16): cuDNN flash; 'splash' (TPU): Pallas
     c.model.routing = ml_collections.ConfigDict()
     c.model.routing.kind = "dtr"
     c.model.routing.beta = 0.8  # sharing ratio: active channels per task
@@ -420,7 +421,8 @@ def validate(config, num_devices: int, mode: str = "train") -> None:
     raise_problems(unknown_field_problems(defaults, added, prefix=""))
     c = config
     m, r = c.model, c.model.routing
-    found = _named("model", c, models.problems(m))
+    platform = "tpu" if mode == "plan" else jax.default_backend()  # what it compiles for
+    found = _named("model", c, models.problems(m, platform))
     channels = None if found else min(routed_widths(build_model(m)))  # the narrowest routed
     found += _named(
         "model.routing",

@@ -39,6 +39,7 @@ import dataclasses
 import functools
 import math
 import os
+import re
 import time
 from collections.abc import Callable
 
@@ -209,9 +210,38 @@ def _oom_summary(message: str) -> str:
 
 
 def _cost(compiled) -> tuple[float, float]:
+    """(FLOPs, bytes accessed) per chip: XLA's cost analysis plus the splash kernels'
+    matmuls (`kernel_flops`), which it cannot see."""
     analysis = compiled.cost_analysis()
     analysis = analysis[0] if isinstance(analysis, list) else analysis
-    return float(analysis.get("flops", math.nan)), float(analysis.get("bytes accessed", math.nan))
+    flops = float(analysis.get("flops", math.nan)) + kernel_flops(compiled.as_text())
+    return flops, float(analysis.get("bytes accessed", math.nan))
+
+
+# The matmuls of each splash attention kernel (model.attention='splash'), as products of
+# a (N, head_dim) and a (head_dim, N) operand or the like: the forward takes q k^T and
+# p v; the backward's dq kernel recomputes q k^T and takes dO v^T and dS k, its dk/dv
+# kernel recomputes q k^T and takes dO v^T, P^T dO and dS^T q (jax's
+# pallas/ops/tpu/splash_attention, unfused backward). The kernels' bytes are their
+# operands and outputs, which the cost analysis counts like any custom call's.
+SPLASH_PRODUCTS = {"splash_mha_fwd": 2, "splash_mha_dq": 3, "splash_mha_dkv": 4}
+_KERNEL_CALL = re.compile(
+    r"^\s*(?:ROOT )?%?(splash_mha_(?:fwd|dq|dkv))[\w.-]* = (.*?) custom-call\("
+)
+_SHAPE_4D = re.compile(r"\[(\d+),(\d+),(\d+),(\d+)\]")
+
+
+def kernel_flops(hlo_text: str) -> float:
+    """FLOPs of the splash kernel calls in an optimized HLO module: each call's products
+    (SPLASH_PRODUCTS) x 2 B H N^2 D, its (B, heads, N, head_dim) block of q from the first
+    4-d array of its result. Like XLA's own count, a call inside a loop counts once."""
+    total = 0.0
+    for line in hlo_text.splitlines():
+        call = _KERNEL_CALL.match(line)
+        if call:
+            b, h, n, d = (int(x) for x in _SHAPE_4D.search(call.group(2)).groups())
+            total += SPLASH_PRODUCTS[call.group(1)] * 2.0 * b * h * n * n * d
+    return total
 
 
 def _figures(program, batch, compiled, seconds, inputs, flops, bytes_accessed, calls=""):

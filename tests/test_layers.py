@@ -34,6 +34,7 @@ LAYERS = [
         [
             "dtr_jax.routing",
             "dtr_jax.models",
+            "dtr_jax.models.attention",
             "dtr_jax.models.dit",
             "dtr_jax.models.unet",
             "dtr_jax.models.inception",

@@ -237,3 +237,39 @@ def test_a_unet_plans_with_its_tables_per_width(target):
     config_lib.validate(config, target.chips, mode="plan")
     step = plan.train_step(config, sharding.make_mesh(config.mesh, target.devices), True)
     assert step.fits and step.flops > 0 and step.problem == ""
+
+
+def test_splash_attention_kernels_are_counted():
+    """XLA's cost analysis does not see inside a Pallas kernel: the plan counts each
+    splash call's products from its result's (B, heads, N, head_dim) shape."""
+    text = "\n".join(
+        [
+            "  %splash_mha_fwd_residuals.1 = (f32[4,256,128]{2,1,0}, bf16[4,2,256,32]{3,2,1,0})"
+            " custom-call(%a, %b), custom_call_target=\"tpu_custom_call\"",
+            "  %splash_mha_dq_no_residuals.1 = (f32[4,256,32]{2,1,0}, bf16[4,2,256,32]{3,2,1,0})"
+            " custom-call(%c), custom_call_target=\"tpu_custom_call\"",
+            "  ROOT %splash_mha_dkv_no_residuals.3 = (bf16[4,2,256,32]{3,2,1,0}) custom-call(%d)",
+            "  %fusion.1 = bf16[4,2,256,32]{3,2,1,0} fusion(%splash_mha_fwd_residuals.1)",
+        ]
+    )
+    product = 2.0 * 4 * 2 * 256 * 256 * 32
+    assert plan.kernel_flops(text) == (2 + 3 + 4) * product
+
+
+def test_splash_attention_compiles_for_the_slice(target):
+    """`model.attention='splash'`: the train step compiles with the kernel in every
+    block. Its count is XLA's for the rest plus the kernels' 9 products per block, where
+    XLA's attention does 6 (the kernels recompute q k^T twice and dO v^T once in the
+    backward instead of storing the probabilities): the difference is those 3 products,
+    less the softmax's elementwise FLOPs that XLA counts and the kernel's count leaves out."""
+    depth, batch, tokens, heads, width = 2, 16, 256, 2, 64
+    size = {"model.depth": depth, "model.hidden_size": width, "model.num_heads": heads}
+    size |= {"model.input_size": 32, "global_batch_size": batch, "model.dtype": "bfloat16"}
+    steps = {}
+    for kind in ("xla", "splash"):
+        config, mesh = compile_step(target, **size, **{"model.attention": kind})
+        steps[kind] = plan.train_step(config, mesh, target.compile_only)
+        assert steps[kind].fits
+    product = 2.0 * (batch // target.chips) * heads * tokens**2 * (width // heads)
+    extra = steps["splash"].flops - steps["xla"].flops
+    assert extra == pytest.approx(3 * depth * product, rel=0.15)

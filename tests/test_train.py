@@ -198,7 +198,12 @@ def test_workdir_that_cannot_be_created_is_refused(tmp_path):
         ({"diffusion.schedule": "quadratic"}, "diffusion.schedule"),
         ({"model.dtype": "float8"}, "model.dtype"),
         ({"model.remat_policy": "sometimes"}, "model.remat_policy"),
-        ({"model.attention": "cudnn", "model.dtype": "bfloat16"}, "model.attention"),
+        # this suite runs on CPU: cuDNN's and splash's kernels are refused, naming it
+        (
+            {"model.attention": "cudnn", "model.dtype": "bfloat16"},
+            "model.attention='cudnn' needs a GPU backend, and this process runs on 'cpu'",
+        ),
+        ({"model.attention": "splash"}, "model.attention='splash' is Pallas's TPU kernel"),
         ({"sample.labels": "3,12"}, "sample.labels"),
     ],
 )

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from dtr_jax.errors import choice_problems, integer_problems
+from dtr_jax.models.attention import IMPLEMENTATIONS as ATTENTION
 from dtr_jax.models.dit import DiT
 from dtr_jax.models.unet import GROUPS, UNet
 
@@ -80,7 +81,7 @@ REMAT_POLICIES = (
     "dots_with_no_batch_dims_saveable",
     "everything_saveable",
 )
-ATTENTION = ("xla", "cudnn")  # jax.nn.dot_product_attention implementations
+
 # How the model computes, not what it computes: DiT attributes that are no config "size".
 COMPUTE_FIELDS = ("remat_policy", "scan_blocks", "attention")
 
@@ -136,10 +137,11 @@ def model_architecture(model_config) -> dict:
     return architecture(m.name, **{f: getattr(m, f) for f in ARCH_FIELDS})
 
 
-def problems(m) -> list[str]:
+def problems(m, platform: str | None = None) -> list[str]:
     """Problems with a model section (name, dtype, sizes, how it computes), each
-    naming its field."""
-    out = choice_problems("dtype", m.dtype, (AUTO, *DTYPES)) + _compute_problems(m)
+    naming its field. `platform`: what the model compiles for ('cpu', 'gpu', 'tpu'), to
+    check the attention kernel against; None (the builders) leaves that to the config."""
+    out = choice_problems("dtype", m.dtype, (AUTO, *DTYPES)) + _compute_problems(m, platform)
     if not 0.0 <= m.class_dropout_prob <= 1.0:
         out.append(f"class_dropout_prob={m.class_dropout_prob!r} must lie in [0, 1]")
     if m.name in UNETS:
@@ -260,19 +262,24 @@ def arch_problems(arch: dict, input_size, in_channels, num_classes) -> list[str]
     return out
 
 
-def _compute_problems(m) -> list[str]:
-    """Problems with how a model section computes: remat policy, scan, attention kernel.
-    cuDNN attention needs a GPU backend and a 16-bit compute dtype (cuDNN's flash
-    attention has no float32 kernel)."""
+def _compute_problems(m, platform: str | None) -> list[str]:
+    """Problems with how a model section computes for `platform` (None: any): remat
+    policy, scan, attention kernel. cuDNN attention needs a GPU and a 16-bit compute
+    dtype (cuDNN's flash attention has no float32 kernel); splash attention, a TPU."""
     out = choice_problems("remat_policy", m.remat_policy, REMAT_POLICIES)
     if not isinstance(m.scan_blocks, bool):
         out.append(f"scan_blocks={m.scan_blocks!r} must be True or False")
     out += choice_problems("attention", m.attention, ATTENTION)
+    if m.attention == "splash" and platform not in (None, "tpu"):
+        out.append(
+            f"attention='splash' is Pallas's TPU kernel, and this process runs on "
+            f"{platform!r}: use 'xla' (--mode plan compiles it for a TPU slice)"
+        )
     if m.attention == "cudnn":
-        if jax.default_backend() != "gpu":
+        if platform not in (None, "gpu"):
             out.append(
                 f"attention='cudnn' needs a GPU backend, and this process runs on "
-                f"{jax.default_backend()!r}: use 'xla'"
+                f"{platform!r}: use 'xla'"
             )
         if compute_dtype(m.dtype) != "bfloat16":
             out.append(f"attention='cudnn' needs dtype='bfloat16', not {m.dtype!r}")

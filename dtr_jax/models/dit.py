@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from dtr_jax.models.attention import dot_product_attention
 from dtr_jax.routing import route
 
 Dtype = Any
@@ -206,7 +207,7 @@ _attention_f32.defvjp(_attention_forward, _attention_backward)
 class Attention(nn.Module):
     num_heads: int
     dtype: Dtype = jnp.float32
-    implementation: str = "xla"  # jax.nn.dot_product_attention's: 'xla' or 'cudnn' (GPU)
+    implementation: str = "xla"  # attention.IMPLEMENTATIONS: xla, cudnn (GPU), splash (TPU)
     own_grads: bool = True  # DiTBlock.own_grads
 
     @nn.compact
@@ -217,10 +218,11 @@ class Attention(nn.Module):
         qkv = _dense(3 * d, ("embed", "qkv"), "qkv", self.dtype, own_grad=g)(x)
         # PyTorch reshapes qkv to (B, N, 3, heads, head_dim).
         qkv = qkv.reshape(b, n, 3, h, d // h)
-        if self.implementation == "cudnn" or qkv.dtype != jnp.float32:
-            # cuDNN's kernel, and XLA's in bfloat16 (TPU, GPU), take (B, N, heads, head_dim)
+        if self.implementation != "xla" or qkv.dtype != jnp.float32:
+            # cuDNN's and splash's kernels, and XLA's in bfloat16 (TPU, GPU), take
+            # (B, N, heads, head_dim)
             q, k, v = jnp.moveaxis(qkv, 2, 0)
-            out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+            out = dot_product_attention(q, k, v, self.implementation)
         else:  # float32 (the CPU): BENCHMARKS.md, optimisation log 9
             # One transpose to (3, B, heads, N, head_dim); split (its gradient is one
             # concatenation, where indexing's is a padded copy per part, summed).
@@ -341,7 +343,7 @@ class DiT(nn.Module):
       scan_blocks: run the blocks as one `nn.scan` (one compiled block instead of
         `depth`): params live under `blocks` stacked along a leading depth axis
         instead of `blocks_<i>` (`stack_blocks` / `unstack_blocks` convert).
-      attention: `jax.nn.dot_product_attention`'s implementation, 'xla' or 'cudnn'.
+      attention: the kernel (`attention.IMPLEMENTATIONS`): 'xla', 'cudnn', 'splash'.
     """
 
     input_size: int = 32

@@ -30,6 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dtr_jax.models.attention import dot_product_attention
 from dtr_jax.models.dit import timestep_embedding
 
 Dtype = Any
@@ -163,7 +164,7 @@ class AttentionBlock(nn.Module):
     num_heads: int
     new_order: bool = False
     dtype: Dtype = jnp.float32
-    attention: str = "xla"  # jax.nn.dot_product_attention's implementation
+    attention: str = "xla"  # attention.IMPLEMENTATIONS
 
     @nn.compact
     def __call__(self, x, mask=None):
@@ -175,7 +176,7 @@ class AttentionBlock(nn.Module):
         split = (3, heads, ch) if self.new_order else (heads, 3, ch)
         qkv = qkv.reshape(b, height * width, *split)
         q, k, v = jnp.moveaxis(qkv, 2 if self.new_order else 3, 0)  # each (B, HW, heads, ch)
-        a = jax.nn.dot_product_attention(q, k, v, implementation=self.attention)
+        a = dot_product_attention(q, k, v, self.attention)
         a = a.reshape(b, height * width, c)
         h = dense(c, ("heads", "embed"), "proj_out", self.dtype, c, zero=True)(a)
         return x + h.reshape(x.shape)
@@ -289,7 +290,7 @@ class UNet(nn.Module):
       dtype: compute dtype; params and GroupNorms are float32.
       remat_policy: '' or a `jax.checkpoint_policies` policy every ResBlock and
         AttentionBlock is rematerialised with (guided-diffusion's use_checkpoint).
-      attention: `jax.nn.dot_product_attention`'s implementation, 'xla' or 'cudnn'.
+      attention: the kernel (`attention.IMPLEMENTATIONS`): 'xla', 'cudnn', 'splash'.
     """
 
     input_size: int = 64
