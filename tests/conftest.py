@@ -47,9 +47,9 @@ FILE_SECONDS = {
     "test_train.py": 292,
     "test_extract.py": 223,
     "test_multihost.py": 213,
+    "test_plan.py": 165,
     "test_interruptions.py": 154,
     "test_benchmarks.py": 136,
-    "test_plan.py": 129,
     "test_interop.py": 116,
     "test_evaluate.py": 91,
     "test_model.py": 67,
@@ -58,6 +58,7 @@ FILE_SECONDS = {
     "test_flow.py": 29,
     "test_sample.py": 28,
     "test_flow_runs.py": 28,
+    "test_attention.py": 20,
 }
 
 
