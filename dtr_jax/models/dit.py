@@ -79,9 +79,12 @@ class Dense(nn.Dense):
 
 
 def _dense(features, names, name, dtype, kernel_init=_xavier, bias_init=_zeros, own_grad=True):
-    """`Dense`, or with `own_grad=False` flax's `nn.Dense` (the same params and forward,
-    autodiff's gradient: what a remat policy sees, `DiTBlock.own_grads`)."""
-    return (Dense if own_grad else nn.Dense)(
+    """`Dense` in float32, the CPU's dtype; else, or with `own_grad=False`, flax's
+    `nn.Dense` (the same params and forward, autodiff's gradient: what a remat policy
+    sees, `DiTBlock.own_grads`). In bfloat16 Dense's gradient cost a TPU plan of B/2 6.8%
+    more bytes (BENCHMARKS.md, log 13), as log 9's attention did."""
+    own = own_grad and jnp.dtype(dtype) == jnp.float32
+    return (Dense if own else nn.Dense)(
         features,
         dtype=dtype,
         name=name,
