@@ -422,6 +422,18 @@ def test_a_dots_remat_policy_saves_the_blocks_matmul_outputs(ref):
     assert per_block <= dots, dots
 
 
+def test_own_gradients_are_float32s_only(ref):
+    """Dense's and attention's custom VJPs (BENCHMARKS.md, log 9-13) are CPU forms:
+    float32 takes them, bfloat16 (TPU, GPU) autodiff's, where they cost the TPU plans
+    bytes."""
+    _, params = ref
+    xj, tj, yj, _ = inputs(jax_layout=True)
+    for dtype, own in (("float32", True), ("bfloat16", False)):
+        model = small_dit(dtype=dtype)
+        jaxpr = jax.make_jaxpr(lambda p, m=model: fwd(p, xj, tj, yj, model=m))(params)
+        assert ("custom_vjp_call" in str(jaxpr)) == own, dtype
+
+
 # ============================================================ 10. errors
 
 
