@@ -209,12 +209,14 @@ def _oom_summary(message: str) -> str:
     return line.split("RESOURCE_EXHAUSTED:", 1)[-1].strip()
 
 
-def _cost(compiled) -> tuple[float, float]:
+def _cost(compiled, text: str | None = None) -> tuple[float, float]:
     """(FLOPs, bytes accessed) per chip: XLA's cost analysis plus the splash kernels'
-    matmuls (`kernel_flops`), which it cannot see."""
+    matmuls (`kernel_flops`), which it cannot see. `text`: `compiled.as_text()`, where
+    the caller has it already."""
     analysis = compiled.cost_analysis()
     analysis = analysis[0] if isinstance(analysis, list) else analysis
-    flops = float(analysis.get("flops", math.nan)) + kernel_flops(compiled.as_text())
+    text = compiled.as_text() if text is None else text
+    flops = float(analysis.get("flops", math.nan)) + kernel_flops(text)
     return flops, float(analysis.get("bytes accessed", math.nan))
 
 
@@ -235,6 +237,8 @@ def kernel_flops(hlo_text: str) -> float:
     """FLOPs of the splash kernel calls in an optimized HLO module: each call's products
     (SPLASH_PRODUCTS) x 2 B H N^2 D, its (B, heads, N, head_dim) block of q from the first
     4-d array of its result. Like XLA's own count, a call inside a loop counts once."""
+    if "splash_mha_" not in hlo_text:
+        return 0.0
     total = 0.0
     for line in hlo_text.splitlines():
         call = _KERNEL_CALL.match(line)
@@ -261,9 +265,10 @@ def _figures(program, batch, compiled, seconds, inputs, flops, bytes_accessed, c
     )
 
 
-def _windowed(compiled) -> bool:
-    """Whether libtpu made a matmul of `compiled` a windowed-einsum loop (FSDP meshes)."""
-    return "windowed_dot_general" in compiled.as_text()
+def _windowed(text: str) -> bool:
+    """Whether libtpu made a matmul of a compiled program (its HLO `text`) a
+    windowed-einsum loop (FSDP meshes)."""
+    return "windowed_dot_general" in text
 
 
 def _counted(build: Callable[..., tuple], dm: DiffusionModel, count: bool):
@@ -275,8 +280,9 @@ def _counted(build: Callable[..., tuple], dm: DiffusionModel, count: bool):
     matmuls. Seconds: the real program's compile."""
     compiled, seconds = build(dm)
     scanned = getattr(dm.model, "scan_blocks", False)  # U-Nets have no scanned form
-    if not scanned and not _windowed(compiled):
-        return (compiled, seconds, *_cost(compiled))
+    text = None if scanned else compiled.as_text()
+    if not scanned and not _windowed(text):
+        return (compiled, seconds, *_cost(compiled, text))
     if not count:
         return compiled, seconds, math.nan, math.nan
     if not scanned:
