@@ -8,7 +8,9 @@ routing x mesh, compiled for the TPU without one (needs libtpu, no TPU).
 
 Each row compiles what `--mode plan` compiles (`dtr_jax.plan`: the train step with the
 trip of a scanned model counted, the sampler) and is appended to `--out` (JSON lines) as
-soon as it is done; rows already there are skipped, so an interrupted run continues.
+soon as it is done; what a row already has (its train step, sampler, largest batch) is
+not compiled again, so an interrupted run continues and a later `--programs sample` adds
+the samplers to rows planned for `train`; the table merges a row's parts.
 `--largest` adds the largest global batch that fits (the config's own remat policy and
 scan setting; dtr rows). Compiles run one at a time: DiT-XL/2 takes
 minutes on a 2-core machine. Nothing here runs a step: every figure is compiled, not run.
@@ -91,27 +93,40 @@ def configured(path: str, overrides: dict[str, str], fields: dict):
     return config_lib.load_config(path, **typed | fields)
 
 
-def done_keys(path: str) -> set[str]:
-    if not os.path.exists(path):
-        return set()
-    return {json.loads(line)["key"] for line in open(path) if line.strip()}
+PARTS = {"train step": "train", "sampler": "sample"}  # a program's name: its `--programs` name
+
+
+def row_parts(row: dict) -> set[str]:
+    """What a row holds: 'train', 'sample' and 'largest'."""
+    parts = {PARTS[p["program"]] for p in row["programs"]}
+    return parts | ({"largest"} if "largest" in row else set())
+
+
+def done_parts(path: str) -> dict[str, set[str]]:
+    done: dict[str, set[str]] = {}
+    if os.path.exists(path):
+        for row in read_rows(path):
+            done.setdefault(row["key"], set()).update(row_parts(row))
+    return done
 
 
 def run(args) -> None:
     overrides = common.parse_assignments(args.set)
-    done = done_keys(args.out)
+    done = done_parts(args.out)
+    programs = [p.strip() for p in args.programs.split(",") if p.strip()]
     pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for config in args.configs.split(","):
         for topology in args.topologies.split(","):
             for kind in args.kinds.split(","):
                 for mesh in args.meshes.split(","):
                     key = row_key(config, topology, kind, mesh, overrides)
-                    if key in done:
+                    have = done.get(key, set())
+                    todo = [p for p in programs if p not in have]
+                    largest = args.largest and kind == "dtr" and "largest" not in have
+                    if not todo and not largest:
                         continue
-                    largest = args.largest and kind == "dtr"
                     row = plan_row(
-                        config, topology, kind, mesh, overrides, args.programs,
-                        largest, not args.no_count,
+                        config, topology, kind, mesh, overrides, todo, largest, not args.no_count,
                     )  # fmt: skip
                     with open(args.out, "a") as f:
                         f.write(json.dumps(row) + "\n")
@@ -134,6 +149,23 @@ def read_rows(path: str) -> list[dict]:
     return [json.loads(line) for line in open(path) if line.strip()]
 
 
+def merged_rows(path: str) -> list[dict]:
+    """The rows of `path`, one per key: the parts of a key's rows together (a later
+    figure of the same program replaces an earlier one), in the order keys first appear."""
+    rows: dict[str, dict] = {}
+    for row in read_rows(path):
+        if row["key"] not in rows:
+            rows[row["key"]] = row
+            continue
+        into = rows[row["key"]]
+        names = {p["program"] for p in row["programs"]}
+        into["programs"] = [p for p in into["programs"] if p["program"] not in names]
+        into["programs"] += row["programs"]
+        into.update({k: row[k] for k in ("largest",) if k in row})
+        into["seconds"] += row["seconds"]
+    return list(rows.values())
+
+
 def _figures(row: dict) -> dict:
     from dtr_jax import plan
 
@@ -147,7 +179,7 @@ def _gib(f) -> str:
 def table(path: str) -> str:
     """BENCHMARKS.md's "TPU plans" tables from the rows in `path`: the configs as shipped
     (dtr, the config's mesh), the DTR / none ratios, then the other routings and meshes."""
-    rows = read_rows(path)
+    rows = merged_rows(path)
     main = [r for r in rows if r["kind"] == "dtr" and r["key"].split("|")[3] == "config"]
     rest = [
         r

@@ -528,16 +528,22 @@ def largest(config, mesh, target_: Target) -> Largest:
     shards = sharding.batch_shards(mesh)
     seen: dict[int, Figures] = {}
 
-    def memory_at(b: int) -> float | None:
+    def at(b: int, count: bool) -> Figures:
         c = config_lib.with_overrides(config, global_batch_size=b)
-        seen[b] = train_step(c, mesh, target_.compile_only)
+        return train_step(c, mesh, target_.compile_only, count)
+
+    def memory_at(b: int) -> float | None:
+        seen[b] = at(b, count=False)  # memory alone: a scanned model's counting waits
         return seen[b].total if seen[b].fits else None
 
     limit = config.plan.max_batch // shards * shards
     capacity = target_.chip.hbm_gib * GIB
     best, tries = largest_fitting(memory_at, shards, config.global_batch_size, limit, capacity)
+    figures = seen.get(best)
+    if figures is not None and figures.flops != figures.flops:  # scanned: count the one kept
+        figures = at(best, count=True)
     m = config.model
-    return Largest(m.scan_blocks, m.remat_policy, best, seen.get(best), tries)
+    return Largest(m.scan_blocks, m.remat_policy, best, figures, tries)
 
 
 def find_batch(config, mesh, target_: Target) -> list[Largest]:

@@ -3,6 +3,7 @@ dtr_jax, and every script run for a tiny step with only a bare accelerator host'
 importable. No timing is asserted."""
 
 import importlib
+import json
 import os
 import re
 import subprocess
@@ -295,3 +296,29 @@ def test_profile_step_classes_sum_to_the_profiled_step():
     for cls in ("matmuls", "attention", "layer norm + modulation", "GELU", "routing"):
         assert float(rows[cls][0]) > 0 and float(rows[cls][2]) > 0, cls
     assert re.search(r"- jax: profiled [\d.]+ ms/step .* untraced [\d.]+ ms/step", out)
+
+
+def test_tpu_plan_rows_resume_and_merge_by_part(tmp_path):
+    """A row planned for its train step gains its sampler from a later run, not twice."""
+    from benchmarks import tpu_plans
+
+    def figures(program, flops):
+        return dict(program=program, batch=256, compile_seconds=1.0, fits=True, flops=flops)
+
+    key = tpu_plans.row_key("dit_b", "v5e-8", "dtr", "config", {})
+    rows = [
+        dict(key=key, programs=[figures("train step", 1.0)], seconds=1.0),
+        dict(key="other", programs=[figures("train step", 5.0)], seconds=1.0),
+        dict(key=key, programs=[figures("sampler", 2.0)], largest=dict(batch=512), seconds=2.0),
+        dict(key=key, programs=[figures("train step", 3.0)], seconds=4.0),
+    ]
+    path = tmp_path / "plans.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert tpu_plans.done_parts(str(path)) == {
+        key: {"train", "sample", "largest"},
+        "other": {"train"},
+    }
+    first, other = tpu_plans.merged_rows(str(path))
+    assert other["key"] == "other" and first["key"] == key and first["seconds"] == 7.0
+    by_program = {p["program"]: p["flops"] for p in first["programs"]}
+    assert by_program == {"train step": 3.0, "sampler": 2.0} and first["largest"]["batch"] == 512

@@ -194,6 +194,25 @@ def test_largest_batch_search_is_exact_on_a_linear_memory():
     assert tries == len(calls) <= 6
 
 
+def test_the_largest_batch_is_searched_by_memory_and_counted_once(target, monkeypatch):
+    """A scanned model's counting (two more compiles) is for the batch kept, not every try."""
+    counted = []
+
+    def fake_step(config, mesh, compile_only, count=True):
+        b = config.global_batch_size
+        counted.append(count)
+        total = 2**30 + b * 50 * 2**20
+        flops = 1e12 * b if count else float("nan")
+        fits = total <= 15.75 * 2**30
+        return plan.Figures("train step", b, 1.0, fits, total, 0, 0, 0, flops, 1e9)
+
+    monkeypatch.setattr(plan, "train_step", fake_step)
+    config, mesh = compile_step(target, **{"model.scan_blocks": True, "plan.max_batch": 4096})
+    best = plan.largest(config, mesh, target)
+    assert best.batch == 300 and best.figures.batch == 300 and best.figures.flops == 3e14
+    assert counted.count(True) == 1 and counted[-1] and len(counted) == best.compiles + 1
+
+
 def test_plan_through_the_command_line(tmp_path):
     cmd = cli_command(tmp_path, "plan", **{"plan.topology": SLICE, "sample.batch_size": 16})
     cmd.remove("--workdir")
