@@ -67,7 +67,7 @@ PLANS=(--out "$OUT/tpu_plans.jsonl")
 declare -A PLAN=(
   [1_slices]="benchmarks.tpu_plans --configs dit_xl,dit_l,dit_b,dit_s,ffhq_dit_b --topologies v5e-8,v5p-8,v4-8,v6e-8,v5e-32 ${PLANS[*]}"
   [2_none]="benchmarks.tpu_plans --configs dit_b,dit_xl --topologies v5e-8,v5p-8 --kinds none --programs train ${PLANS[*]}"
-  [3_kinds]="benchmarks.tpu_plans --configs dit_s,dit_l,dit_xl,dit_b,ffhq_dit_b --topologies v5e-8 --kinds random,none --no-count ${PLANS[*]}"
+  [3_kinds]="benchmarks.tpu_plans --configs dit_s,dit_l,dit_xl,dit_b,ffhq_dit_b --topologies v5e-8,v5p-8,v4-8,v6e-8,v5e-32 --kinds random,none --no-count ${PLANS[*]}"
   [4_meshes]="benchmarks.tpu_plans --configs dit_s,dit_l,dit_xl,dit_b,ffhq_dit_b --topologies v5e-8,v5e-32 --meshes data,fsdp --no-count ${PLANS[*]}"
   [5_table]="benchmarks.tpu_plans --table ${PLANS[*]}"
 )

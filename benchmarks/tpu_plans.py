@@ -9,8 +9,9 @@ routing x mesh, compiled for the TPU without one (needs libtpu, no TPU).
 Each row compiles what `--mode plan` compiles (`dtr_jax.plan`: the train step with the
 trip of a scanned model counted, the sampler) and is appended to `--out` (JSON lines) as
 soon as it is done; what a row already has (its train step, sampler, largest batch) is
-not compiled again, so an interrupted run continues and a later `--programs sample` adds
-the samplers to rows planned for `train`; the table merges a row's parts.
+not compiled again (unless `--redo`), so an interrupted run continues and a later
+`--programs sample` adds the samplers to rows planned for `train`; the table merges a
+row's parts, a figure a later compile left out (nan) kept from the earlier.
 `--largest` adds the largest global batch that fits (the config's own remat policy and
 scan setting; dtr rows). Compiles run one at a time: DiT-XL/2 takes
 minutes on a 2-core machine. Nothing here runs a step: every figure is compiled, not run.
@@ -121,7 +122,7 @@ def run(args) -> None:
                 for mesh in args.meshes.split(","):
                     key = row_key(config, topology, kind, mesh, overrides)
                     have = done.get(key, set())
-                    todo = [p for p in programs if p not in have]
+                    todo = [p for p in programs if args.redo or p not in have]
                     largest = args.largest and kind == "dtr" and "largest" not in have
                     if not todo and not largest:
                         continue
@@ -158,9 +159,11 @@ def merged_rows(path: str) -> list[dict]:
             rows[row["key"]] = row
             continue
         into = rows[row["key"]]
-        names = {p["program"] for p in row["programs"]}
-        into["programs"] = [p for p in into["programs"] if p["program"] not in names]
-        into["programs"] += row["programs"]
+        earlier = {p["program"]: p for p in into["programs"]}
+        for p in row["programs"]:  # a figure a later compile left out (nan) stays
+            kept = earlier.get(p["program"], {})
+            earlier[p["program"]] = kept | {k: v for k, v in p.items() if v == v}
+        into["programs"] = list(earlier.values())
         into.update({k: row[k] for k in ("largest",) if k in row})
         into["seconds"] += row["seconds"]
     return list(rows.values())
@@ -173,7 +176,11 @@ def _figures(row: dict) -> dict:
 
 
 def _gib(f) -> str:
-    return "-" if f is None else f"{f.total / 2**30:.2f}" if f.fits else "**no**"
+    """The compiler's peak per chip; `*`: a row planned before the peak was recorded,
+    the parts' sum (an upper bound)."""
+    if f is None or not f.fits:
+        return "-" if f is None else "**no**"
+    return f"{f.memory / 2**30:.2f}" + ("" if f.peak > 0 else "*")
 
 
 def table(path: str) -> str:
@@ -208,7 +215,7 @@ def main_table(rows: list[dict]) -> str:
         t = train.bound_seconds(chip)
         hours = r["steps"] * t * r["chips"] / 3600
         out.append([
-            r["config"], r["topology"], r["mesh"], f"{train.total / 2**30:.2f} ({chip.hbm_gib:g})",
+            r["config"], r["topology"], r["mesh"], f"{_gib(train)} ({chip.hbm_gib:g})",
             "yes", r.get("largest", {}).get("batch", "-"), common.fmt(train.flops / 1e12, 2),
             common.fmt(train.bytes_accessed / 1e9, 1),
             f"{common.fmt(t * 1e3, 1)} ({train.bound_by(chip)})", common.fmt(r["batch"] / t, 0),
@@ -235,7 +242,7 @@ def ratio_table(rows: list[dict]) -> str:
         out.append([
             config, topology, r["mesh"], common.fmt(d.flops / n.flops, 4),
             common.fmt(d.bytes_accessed / n.bytes_accessed, 4),
-            f"{d.total / 2**30:.2f} / {n.total / 2**30:.2f}",
+            f"{_gib(d)} / {_gib(n)}",
         ])  # fmt: skip
     columns = [
         "config",
@@ -282,6 +289,13 @@ def parse_args(argv=None):
         action="store_true",
         help="leave a scanned model's FLOPs and bytes uncounted (two compiles fewer): rows "
         "that check memory and fit",
+    )
+    parser.add_argument(
+        "--redo",
+        action="store_true",
+        help="compile the programs again where a row has them: with --no-count, a row "
+        "planned before the compiler's peak memory was recorded gains it, its counted "
+        "FLOPs and bytes kept",
     )
     parser.add_argument("--out", default=DEFAULT_OUT)
     parser.add_argument("--table", action="store_true", help="print the table of --out")

@@ -8,7 +8,9 @@ config's (data, fsdp) mesh over all chips of `plan.topology` (a slice as Cloud T
 it: `dtr_jax.tpu`), the train step (`step.jit_train_step` on the abstract state and an
 abstract batch), the sampler (`sample.jit_sampler`, the whole respaced loop), and where
 the run uses them the VAE decoder and the in-loop evaluation's Inception features. For
-each it reports XLA's memory account per chip against the chip's HBM, whether it fits (a
+each it reports the compiler's peak memory per chip (XLA's parts beside it: state and
+batch, temporaries, outputs, whose sum overstates it where buffers are reused) against
+the chip's HBM, whether it fits (a
 program that does not is refused by the compiler itself, with its figures), the compile
 time, and XLA's FLOPs and bytes per chip with the roofline bound they give:
 max(FLOPs / peak bf16 FLOP/s, bytes / HBM bandwidth), from the published figures of
@@ -89,6 +91,7 @@ class Figures:
     bytes_accessed: float = math.nan  # per call
     calls: str = ""  # what one call is, where not one step or batch: '250 steps'
     problem: str = ""  # why it does not fit: the compiler's words
+    peak: float = math.nan  # bytes: the compiler's peak, buffers reused over the program
 
     @property
     def label(self) -> str:
@@ -96,7 +99,15 @@ class Figures:
 
     @property
     def total(self) -> float:
+        """The parts' sum: an upper bound, as XLA reuses some buffers (a donated state's)
+        for temporaries."""
         return self.arguments + self.outputs + self.temporaries
+
+    @property
+    def memory(self) -> float:
+        """Bytes per chip: the compiler's peak where it reports one (libtpu does), else
+        the parts' sum."""
+        return self.peak if self.peak > 0 else self.total
 
     def bound_seconds(self, chip: tpu.Chip) -> float:
         """The roofline bound on one call: max(compute time, HBM time) at peak."""
@@ -262,6 +273,7 @@ def _figures(program, batch, compiled, seconds, inputs, flops, bytes_accessed, c
         flops=flops,
         bytes_accessed=bytes_accessed,
         calls=calls,
+        peak=float(getattr(m, "peak_memory_in_bytes", 0)) or math.nan,
     )
 
 
@@ -534,7 +546,7 @@ def largest(config, mesh, target_: Target) -> Largest:
 
     def memory_at(b: int) -> float | None:
         seen[b] = at(b, count=False)  # memory alone: a scanned model's counting waits
-        return seen[b].total if seen[b].fits else None
+        return seen[b].memory if seen[b].fits else None
 
     limit = config.plan.max_batch // shards * shards
     capacity = target_.chip.hbm_gib * GIB
@@ -596,7 +608,7 @@ COLUMNS = [
     "of which batch GiB",
     "temporaries GiB",
     "outputs GiB",
-    "total GiB / HBM",
+    "peak GiB / HBM",
     "fits",
     "compile s",
     "TFLOP / chip",
@@ -621,7 +633,7 @@ def table_rows(figures: list[Figures], chip: tpu.Chip) -> list[list[str]]:
                 _gib(f.inputs),
                 _gib(f.temporaries),
                 _gib(f.outputs),
-                f"{_gib(f.total)} / {chip.hbm_gib:g}",
+                f"{_gib(f.memory)} / {chip.hbm_gib:g}",
                 "yes",
                 _num(f.compile_seconds),
                 _num(f.flops / 1e12, 2),
@@ -663,13 +675,13 @@ def report(config, target_: Target, mesh, figures: list[Figures], largest=None) 
 
 
 def largest_report(largest: list[Largest], target_: Target, config) -> str:
-    columns = ["scan_blocks", "remat_policy", "largest global batch", "total GiB / chip"]
+    columns = ["scan_blocks", "remat_policy", "largest global batch", "peak GiB / chip"]
     columns += ["bound images/s", "compiles"]
     rows = []
     for r in largest:
         f = r.figures
         images = "-" if f is None else _num(f.batch / f.bound_seconds(target_.chip), 0)
-        total = "-" if f is None else _gib(f.total)
+        total = "-" if f is None else _gib(f.memory)
         rows.append(
             [r.scan_blocks, repr(r.remat_policy), r.batch or "none", total, images, r.compiles]
         )

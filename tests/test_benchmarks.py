@@ -311,6 +311,7 @@ def test_tpu_plan_rows_resume_and_merge_by_part(tmp_path):
         dict(key="other", programs=[figures("train step", 5.0)], seconds=1.0),
         dict(key=key, programs=[figures("sampler", 2.0)], largest=dict(batch=512), seconds=2.0),
         dict(key=key, programs=[figures("train step", 3.0)], seconds=4.0),
+        dict(key=key, programs=[figures("train step", float("nan")) | {"peak": 9}], seconds=1),
     ]
     path = tmp_path / "plans.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -319,6 +320,7 @@ def test_tpu_plan_rows_resume_and_merge_by_part(tmp_path):
         "other": {"train"},
     }
     first, other = tpu_plans.merged_rows(str(path))
-    assert other["key"] == "other" and first["key"] == key and first["seconds"] == 7.0
+    assert other["key"] == "other" and first["key"] == key and first["seconds"] == 8.0
     by_program = {p["program"]: p["flops"] for p in first["programs"]}
     assert by_program == {"train step": 3.0, "sampler": 2.0} and first["largest"]["batch"] == 512
+    assert first["programs"][0]["peak"] == 9  # a memory-only compile's peak joins the counts

@@ -97,6 +97,8 @@ def test_train_step_and_sampler_compile_on_an_fsdp_mesh(target):
     # the per-chip batch: 16 images of 8x8x1 float32 + int32 labels, over 4 chips
     assert train.inputs == 16 * (8 * 8 * 4 + 4) / 4
     assert train.arguments > train.inputs and train.temporaries > 0
+    # libtpu's peak: at least the state, at most the parts' sum (buffers reused)
+    assert train.arguments <= train.peak <= train.total and train.memory == train.peak
     assert train.flops > 0 and train.bytes_accessed > 0 and train.bound_seconds(target.chip) > 0
     # all 4 sampling steps: each a guided call of the model on twice the batch
     model = plan.step_lib.create_setup(config).dm.model
