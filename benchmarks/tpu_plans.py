@@ -139,7 +139,7 @@ def summary(row: dict) -> str:
     for p in row["programs"]:
         parts.append(
             f"{p['program']}: fits {p['fits']}, "
-            f"{(p['arguments'] + p['outputs'] + p['temporaries']) / 2**30:.2f} GiB, "
+            f"{_gib(plan_figures(p))} GiB, "
             f"{p['flops'] / 1e12:.3f} TFLOP, {p['bytes_accessed'] / 1e9:.2f} GB, "
             f"{p['compile_seconds']:.0f} s"
         )
@@ -169,10 +169,14 @@ def merged_rows(path: str) -> list[dict]:
     return list(rows.values())
 
 
-def _figures(row: dict) -> dict:
+def plan_figures(program: dict):
     from dtr_jax import plan
 
-    return {p["program"]: plan.Figures(**p) for p in row["programs"]}
+    return plan.Figures(**program)
+
+
+def _figures(row: dict) -> dict:
+    return {p["program"]: plan_figures(p) for p in row["programs"]}
 
 
 def _gib(f) -> str:
