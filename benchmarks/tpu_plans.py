@@ -243,9 +243,12 @@ def ratio_table(rows: list[dict]) -> str:
         d, n = _figures(r).get("train step"), _figures(none).get("train step")
         if d is None or n is None or not (d.fits and n.fits) or d.flops != d.flops:
             continue
+        rand = by_key.get((config, topology, "random"))
+        rand = None if rand is None else _figures(rand).get("train step")
+        rand_bytes = "-" if rand is None else common.fmt(rand.bytes_accessed / n.bytes_accessed, 4)
         out.append([
             config, topology, r["mesh"], common.fmt(d.flops / n.flops, 4),
-            common.fmt(d.bytes_accessed / n.bytes_accessed, 4),
+            common.fmt(d.bytes_accessed / n.bytes_accessed, 4), rand_bytes,
             f"{_gib(d)} / {_gib(n)}",
         ])  # fmt: skip
     columns = [
@@ -254,6 +257,7 @@ def ratio_table(rows: list[dict]) -> str:
         "mesh",
         "DTR / none FLOPs",
         "DTR / none bytes",
+        "random / none bytes",
         "GiB / chip dtr / none",
     ]
     return common.table(columns, out)

@@ -518,7 +518,8 @@ def largest_fitting(
 def _next_try(tried: dict, lo: int, hi: int, shards: int, capacity: float) -> int:
     """The next batch to try, strictly between lo (fits) and hi (does not): where the
     line through the two largest fitting tries reaches `capacity` (at least lo + one
-    shard), else twice lo while no try has failed, else the middle."""
+    shard), else twice lo while no try has failed, else the middle; a guess at or past
+    hi becomes the largest batch below it (`plan.max_batch` itself while none failed)."""
     fit = sorted((b, m) for b, m in tried.items() if m is not None)
     guess = None
     if len(fit) >= 2:
@@ -529,6 +530,8 @@ def _next_try(tried: dict, lo: int, hi: int, shards: int, capacity: float) -> in
             )
     elif fit:
         guess = 2 * lo
+    if guess is not None and guess >= hi:
+        guess = hi - shards
     if guess is None or not lo < guess < hi:
         guess = max((lo + hi) // 2 // shards * shards, lo + shards)
     return guess

@@ -194,6 +194,9 @@ def test_largest_batch_search_is_exact_on_a_linear_memory():
     best, tries = plan.largest_fitting(memory_at, 8, 256, 4096, 16 * 2**30)
     assert best == 1536 and (best + 8) * 10 * 2**20 + 2**30 > 16 * 2**30
     assert tries == len(calls) <= 6
+    # the line reaches the HBM past plan.max_batch: the limit is the third try
+    best, tries = plan.largest_fitting(lambda b: b * 2**20, 8, 256, 4096, 16 * 2**30)
+    assert (best, tries) == (4096, 3)
 
 
 def test_the_largest_batch_is_searched_by_memory_and_counted_once(target, monkeypatch):
